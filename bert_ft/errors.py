@@ -1,0 +1,27 @@
+"""Errors that reach the user as one clear message (no traceback unless --debug)."""
+
+from __future__ import annotations
+
+
+class BertFtError(Exception):
+    """Base class: the message is complete and is printed as it is."""
+
+
+class UsageError(BertFtError):
+    """A bad flag, a contradictory combination, or an unusable path."""
+
+
+class DataError(BertFtError):
+    """Bad input data; the message names the file, the line or example, what is wrong and how to fix it."""
+
+    def __init__(self, path: str, line: int | None, problem: str, fix: str = "") -> None:
+        where = f"{path}:{line}" if line is not None else str(path)
+        message = f"{where}: {problem}"
+        if fix:
+            message += f"\n  fix: {fix}"
+        super().__init__(message)
+        self.path, self.line, self.problem = path, line, problem
+
+
+class TrainingDiverged(BertFtError):
+    """A NaN/inf loss; the last good checkpoint was kept."""
