@@ -57,6 +57,8 @@ class TrainerState:
     best_epoch: int | None = None
     epochs_without_improvement: int = 0
     history: list = field(default_factory=list)  # one dict per epoch: train_loss, eval metric
+    epoch_loss_sum: float = 0.0  # training loss summed over this epoch's micro-batches so far
+    epoch_loss_count: int = 0
     train_seconds: float = 0.0
     real_tokens: int = 0
     padded_tokens: int = 0
@@ -123,7 +125,7 @@ def check_labels(task: Task, splits: Splits, labels: list[str]) -> None:
         for index, example in enumerate(getattr(splits, split) or []):
             unseen = sorted(set(task.labels_of(example)) - known)
             if unseen:
-                raise DataError(splits.sources[split], None,
+                raise DataError(splits.sources[split], getattr(example, "line", None),
                                 f"example {index + 1} has label(s) {unseen} that never occur in the training data "
                                 f"({splits.sources['train']}; known: {sorted(known)})",
                                 "fix the label spelling, or add training examples with that label")
@@ -135,6 +137,23 @@ def _loader(features: list[dict], collator: PaddingCollator, batch_size: int, se
     # Its own generator: creating an iterator must not consume the global RNG, or a resumed run's dropout
     # masks would drift from an uninterrupted run's.
     return DataLoader(features, batch_sampler=sampler, collate_fn=collator, generator=torch.Generator().manual_seed(seed))
+
+
+def rng_neutral(loader):
+    """Iterate `loader` without letting iterator creation draw from the global torch RNG.
+
+    A DataLoader draws a base seed from the global RNG when its iterator starts. An uninterrupted run does that at
+    the start of the epoch, a resumed run right after restoring the RNG, which would shift every later dropout mask;
+    restoring the RNG around the first batch makes both runs identical.
+    """
+    state = torch.random.get_rng_state()
+    iterator = iter(loader)
+    first = next(iterator, None)
+    torch.random.set_rng_state(state)
+    if first is None:
+        return
+    yield first
+    yield from iterator
 
 
 def _indexed(features: list[dict]) -> list[dict]:
@@ -318,20 +337,33 @@ def run(task: Task, config: TrainConfig, options: Any, task_name: str) -> dict:
         if config.unfreeze_at_epoch and epoch + 1 == config.unfreeze_at_epoch:
             unfreeze_all(network)
             log(f"epoch {epoch + 1}: encoder unfrozen")
-        train_sampler.set_epoch(epoch)
-        # Padding statistics come from this epoch's batches (the same on every process).
-        real, padded = padding_stats(lengths, train_sampler.batches(), pad_multiple)
         model.train()
         epoch_loader = train_loader
         if state.batches_in_epoch:
             epoch_loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+        # Through Accelerate's loader: it re-sets the sampler's epoch from its own counter when iteration starts,
+        # which after a resume (or on a skip loader) would otherwise not be this epoch.
+        epoch_loader.set_epoch(epoch)
+        # Padding statistics come from this epoch's batches (the same on every process).
+        real, padded = padding_stats(lengths, train_sampler.batches(), pad_multiple)
+        # Summed on the device and read only at logging/saving points: no host sync per step.
         running_loss = torch.zeros((), device=accelerator.device)
         running_count = 0
-        epoch_loss, epoch_count = torch.zeros((), device=accelerator.device), 0
+
+        def fold_running_loss() -> float:
+            """Move the device-side loss sum into the (checkpointed) epoch totals; return the interval mean."""
+            nonlocal running_count
+            total = accelerator.reduce(running_loss.clone(), reduction="mean").item()
+            state.epoch_loss_sum += total
+            state.epoch_loss_count += running_count
+            mean = total / max(running_count, 1)
+            running_loss.zero_()
+            running_count = 0
+            return mean
         progress = tqdm(total=len(train_loader), initial=state.batches_in_epoch, desc=f"epoch {epoch + 1}",
                         disable=not accelerator.is_local_main_process, dynamic_ncols=True)
         start = time.perf_counter()
-        for batch in epoch_loader:
+        for batch in rng_neutral(epoch_loader):
             batch.pop("feature_index")
             with accelerator.accumulate(model):
                 if adversary is None:
@@ -362,17 +394,17 @@ def run(task: Task, config: TrainConfig, options: Any, task_name: str) -> dict:
                 if bad_step.item() >= 0:  # one host sync per logging interval, not per step
                     stop = True
                     break
-                mean_loss = running_loss.item() / running_count
-                epoch_loss += running_loss
-                epoch_count += running_count
-                running_loss.zero_()
-                running_count = 0
+                mean_loss = fold_running_loss()
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
                 accelerator.log({"train_loss": mean_loss, "lr": scheduler.get_last_lr()[-1]}, step=state.global_step)
             if config.save_steps and state.global_step % config.save_steps == 0:
+                if bad_step.item() >= 0:  # never save a checkpoint that already holds NaN weights
+                    stop = True
+                    break
                 state.train_seconds += time.perf_counter() - start
-                start = time.perf_counter()
+                fold_running_loss()
                 save_checkpoint(accelerator, config, state)
+                start = time.perf_counter()
         progress.close()
         if stop or bad_step.item() >= 0:
             kept = _checkpoints(config.output_dir)
@@ -384,9 +416,10 @@ def run(task: Task, config: TrainConfig, options: Any, task_name: str) -> dict:
         state.train_seconds += time.perf_counter() - start
         state.real_tokens += real
         state.padded_tokens += padded
-        epoch_loss += running_loss
-        epoch_count += running_count
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": (epoch_loss / max(epoch_count, 1)).item()}
+        fold_running_loss()
+        record: dict[str, Any] = {"epoch": epoch + 1,
+                                  "train_loss": state.epoch_loss_sum / max(state.epoch_loss_count, 1)}
+        state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
         improved = True
         if "validation" in encoded:
             evaluation, _ = evaluate_split(accelerator, model, task, splits.validation, encoded["validation"],

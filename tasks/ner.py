@@ -27,17 +27,14 @@ SCHEMES = ("auto", "iob1", "iob2", "iobes")
 @dataclass
 class NerOptions:
     crf: bool = flag(False, "add a CRF layer over the token logits (Viterbi decoding)")
-    doc_stride: int = flag(32, "sub-word overlap between windows of sentences longer than --max_seq_length")
+    doc_stride: int = flag(32, "sub-word overlap of windows over long sentences (at most half a window)")
     tag_scheme: str = flag("auto", "tag scheme of the input files (auto-detected by default)", choices=SCHEMES)
     strict_tags: bool = flag(False, "refuse IOB2 files with I-X after O (default: repair them with a warning)")
 
     def problems(self, config) -> list[str]:
-        found = []
-        budget = config.max_seq_length - 2
-        if not 0 <= self.doc_stride < budget // 2 + 1:
-            found.append(f"--doc_stride: must be in [0, {budget // 2}] for --max_seq_length {config.max_seq_length}, "
-                         f"got {self.doc_stride}")
-        return found
+        if self.doc_stride < 0:
+            return [f"--doc_stride: must be >= 0, got {self.doc_stride}"]
+        return []
 
 
 @dataclass
@@ -299,7 +296,8 @@ class NerTask:
             for pieces in word_pieces:
                 if not pieces:  # e.g. a lone space or control character: keep the word, score it as [UNK]
                     pieces.append(tokenizer.unk_token_id)
-            for start, end in word_windows([len(pieces) for pieces in word_pieces], budget, self.options.doc_stride):
+            stride = min(self.options.doc_stride, budget // 2)
+            for start, end in word_windows([len(pieces) for pieces in word_pieces], budget, stride):
                 content, word_starts, token_labels = [], [], []
                 for word in range(start, end):
                     pieces = word_pieces[word][:budget]  # a single over-long word is cut, its label kept
