@@ -1,3 +1,13 @@
-"""bert-ft: fine-tune BERT encoders for NER, relation and sentence classification."""
+"""bert-ft: fine-tune BERT encoders for NER, relation and sentence classification.
+
+    from bert_ft import TrainConfig, finetune, predict, load_model
+    from tasks import TASKS
+"""
 
 __version__ = "0.1.0"
+
+from .api import finetune, predict  # noqa: E402
+from .config import TrainConfig  # noqa: E402
+from .heads import load_model  # noqa: E402
+
+__all__ = ["TrainConfig", "finetune", "predict", "load_model", "__version__"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -27,7 +28,26 @@ def read_text_lines(path: str) -> list[str]:
         line = raw[: error.start].count(b"\n") + 1
         raise DataError(path, line, f"not valid UTF-8 (byte {raw[error.start]:#04x} at offset {error.start})",
                         "re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out`") from None
-    return text.splitlines()
+    # Split on "\n" only: str.splitlines would also break inside JSON strings at U+2028, U+0085 and friends.
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def read_jsonl_records(path: str, lines: list[str]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file; clear errors for anything else."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(path, number, f"not valid JSON ({error.msg})", "one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise DataError(path, number, f"expected a JSON object per line, got {type(record).__name__}",
+                            "one JSON object per line")
+        yield number, record
 
 
 class LengthGroupedSampler(Sampler[list[int]]):

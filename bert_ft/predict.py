@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .data import LengthGroupedSampler, PaddingCollator
+from .data import LengthGroupedSampler, PaddingCollator, read_jsonl_records
 from .errors import DataError
 from .io import atomic_write_lines
 
@@ -40,18 +40,11 @@ def read_inputs(texts: list[str], input_file: str | None) -> list[str]:
         lines, source = read_text_lines(input_file), input_file
     else:
         lines, source = sys.stdin.read().splitlines(), "<stdin>"
-    inputs = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(source, number, f"not valid JSON ({error.msg})", "one JSON object per line") from None
-            inputs.append(record)
-        else:
-            inputs.append(line)
+    first = next((line for line in lines if line.strip()), "")
+    if first.lstrip().startswith("{"):
+        inputs = [record for _, record in read_jsonl_records(source, lines)]
+    else:
+        inputs = [line for line in lines if line.strip()]
     if not inputs:
         raise DataError(source, None, "no input text", "give texts as arguments, --input_file, or on stdin")
     return inputs

@@ -462,7 +462,7 @@ def run(task: Task, config: TrainConfig, options: Any, task_name: str) -> dict:
                                              eval_loaders[split], labels, splits.sources[split])
         metrics.update({f"{prefix}_{key}": value for key, value in evaluation.metrics.items()})
         metrics[f"{prefix}_runtime"] = round(seconds, 3)
-        metrics[f"{prefix}_samples_per_second"] = round(len(encoded[split]) / max(seconds, 1e-9), 2)
+        metrics[f"{prefix}_samples_per_second"] = round(len(getattr(splits, split)) / max(seconds, 1e-9), 2)
         report_sections.append(f"== {split}: {splits.sources[split]} ==\n{evaluation.report}")
         if split == "test":
             test_evaluation = evaluation

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import unicodedata
 from collections import Counter
@@ -13,7 +12,8 @@ from seqeval.metrics.sequence_labeling import get_entities
 from seqeval.scheme import IOB2
 
 from bert_ft.config import flag
-from bert_ft.data import best_window_per_word, read_text_lines, special_tokens_around, word_windows
+from bert_ft.data import (best_window_per_word, read_jsonl_records, read_text_lines, special_tokens_around,
+                          word_windows)
 from bert_ft.errors import DataError
 from bert_ft.heads import TokenTagger
 from bert_ft.io import atomic_write_lines
@@ -147,15 +147,7 @@ def _spans_to_tags(path: str, number: int, record: dict) -> tuple[list[str], lis
 
 def read_jsonl(path: str, lines: list[str]) -> list[NerExample]:
     examples = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(path, number, f"not valid JSON ({error.msg})", "one JSON object per line") from None
-        if not isinstance(record, dict):
-            raise DataError(path, number, "expected a JSON object per line")
+    for number, record in read_jsonl_records(path, lines):
         if "tokens" in record:
             tags = record.get("tags", record.get("ner_tags"))
             if not isinstance(tags, list) or len(tags) != len(record["tokens"]):
@@ -375,7 +367,8 @@ class NerTask:
     def predict(self, model, tokenizer, inputs: list[str], max_seq_length: int, batch_size: int) -> list[dict]:
         """Entities with character offsets; long texts go through the same windows as training."""
         examples = []
-        for text in inputs:
+        for item in inputs:
+            text = item["text"] if isinstance(item, dict) else item
             split = split_words(text)
             examples.append(NerExample([word for word, _, _ in split], ["O"] * len(split), "input", 0, text,
                                        [(start, end) for _, start, end in split]))

@@ -33,7 +33,7 @@ REL_SIZES = {"train": 400, "test": 120}
 SENT_SIZES = {"train": 400, "dev": 100, "test": 100}
 
 # Probability that a dev/test slot is filled from the held-out part of a lexicon.
-HELDOUT_P = 0.45
+HELDOUT_P = 0.35
 
 
 def split_lex(items, n_heldout):
@@ -152,7 +152,7 @@ NATIONALITIES = split_lex(
      "American", "Mexican", "Argentine", "Brazilian", "Chilean",
      "Peruvian", "Colombian", "Hungarian", "Croatian", "Ghanaian",
      "Moroccan", "Vietnamese", "Icelandic", "Uruguayan", "Estonian",
-     "Dutch", "Belgian", "Czech", "Ethiopian", "New Zealand"],
+     "Dutch", "Belgian", "Czech", "Ethiopian", "Sri Lankan"],
     10,
 )
 
@@ -161,11 +161,24 @@ EVENTS = split_lex(
      "Champions League", "Nobel Peace Prize", "Grammy Awards",
      "Eurovision Song Contest", "Australian Open", "Paris Marathon",
      "Berlin Film Festival", "Cannes Film Festival", "Africa Cup of Nations",
-     "Copa America", "Davis Cup", "World Expo", "Ryder Cup",
-     "Commonwealth Games", "Booker Prize", "Asian Games",
-     "Venice Biennale", "Monaco Grand Prix", "Edinburgh Fringe",
-     "European Championship", "Pan American Games", "Golden Globes"],
+     "Copa America", "World Expo", "Venice Biennale", "Monaco Grand Prix",
+     "Edinburgh Fringe", "European Championship",
+     # held out (no place names inside, so context must do the work)
+     "Davis Cup", "Ryder Cup", "Commonwealth Games", "Booker Prize",
+     "Asian Games", "Pan American Games", "Golden Globes"],
     7,
+)
+
+# Sports events only, for templates about records, finals and fans.
+SPORT_EVENTS = split_lex(
+    ["World Cup", "Olympic Games", "Winter Olympics", "Tour de France",
+     "Champions League", "Australian Open", "Paris Marathon",
+     "Africa Cup of Nations", "Copa America", "Monaco Grand Prix",
+     "European Championship",
+     # held out
+     "Davis Cup", "Ryder Cup", "Commonwealth Games", "Asian Games",
+     "Pan American Games"],
+    5,
 )
 
 LANGUAGES = split_lex(
@@ -238,6 +251,8 @@ def fill_ner_slot(rng, split, slot):
         return tok_entity(pick(rng, NATIONALITIES, split), "MISC")
     if slot == "EVENT":
         return tok_entity(pick(rng, EVENTS, split), "MISC")
+    if slot == "SPORTEV":
+        return tok_entity(pick(rng, SPORT_EVENTS, split), "MISC")
     if slot == "LANG":
         return tok_entity(pick(rng, LANGUAGES, split), "MISC")
     # --- non-entity fillers -------------------------------------------------
@@ -292,7 +307,7 @@ NER_TEMPLATES = [
     (2, "{RANK} {FULLPER} ( {COUNTRY} ) {TIME}"),
     (2, "The company , based in {CITY} , makes parts for {ORG} ."),
     (3, "{PER} , a spokesman for {ORG} , declined to comment ."),
-    (2, "Thousands of fans travelled to {CITY} for the {EVENT} final ."),
+    (2, "Thousands of fans travelled to {CITY} for the {SPORTEV} final ."),
     (2, "The film , shot in {LANG} , opens in {COUNTRY} next month ."),
     (2, "{FULLPER} 's new book describes a childhood in {COUNTRY} ."),
     (1, "Rain delayed the match for two hours on {DAY} ."),
@@ -316,7 +331,7 @@ NER_TEMPLATES = [
     (2, "Many {NAT} tourists visit {CITY} every spring ."),
     (2, "{ORG} will sponsor the {EVENT} for the next {SMALLNUM} years ."),
     (2, "In {CITY} , {PER} told a news conference that {ORG} would hire {NUM} workers ."),
-    (2, "{PER} of {COUNTRY} set a new record at the {EVENT} in {CITY} ."),
+    (2, "{PER} of {COUNTRY} set a new record at the {SPORTEV} in {CITY} ."),
     (2, "Teachers in {COUNTRY} will start teaching {LANG} in primary schools ."),
     (1, "The bridge was closed for repairs on {DAY} morning ."),
     (2, "{TEAM} coach {PER} was sent off in the second half ."),
@@ -331,6 +346,14 @@ NER_TEMPLATES = [
     (2, "Why did {PER} leave {ORG} so suddenly ?"),
     (2, "{PER} : \" The {EVENT} was the best week of my life . \""),
     (1, "Fewer people are buying newspapers , a survey found ."),
+    (2, "The {NAT} - born singer {PER} will perform at the {EVENT} ."),
+    (2, "{PER} translated the novel from {LANG} into {LANG} ."),
+    (2, "Organisers of the {EVENT} expect record crowds this year ."),
+    (2, "The {EVENT} opens on {DAY} with a ceremony in {CITY} ."),
+    (2, "Many {NAT} fans could not get tickets for the {SPORTEV} ."),
+    (2, "She grew up speaking {LANG} at home and {LANG} at school ."),
+    (2, "The {NAT} ambassador met {PER} in {CITY} on {DAY} ."),
+    (2, "{ORG} hired {NUM} {NAT} engineers last year ."),
 ]
 
 

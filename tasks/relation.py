@@ -1,0 +1,477 @@
+"""Relation classification: SemEval-2010 Task 8 / JSONL span input, entity-marker tokens, official SemEval scoring.
+
+The two entities are marked in the text with `<e1>…</e1>` (the head) and `<e2>…</e2>` (the tail). The markers are
+added to the tokenizer as special tokens (never split; kept by save_pretrained), so each is one token whose position
+the entity-pair head reads (`e1_start`, `e2_start`, `e1_end`, `e2_end`). Sentences longer than --max_seq_length keep a
+window around the two entities instead of losing a marker. The score is the official SemEval-2010 Task 8 macro-F1
+(directed, Other excluded, averaged over the relation types present in gold).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import textwrap
+from collections import Counter
+from dataclasses import dataclass
+
+from bert_ft.config import flag
+from bert_ft.data import read_jsonl_records, read_text_lines, special_tokens_around
+from bert_ft.errors import DataError, UsageError
+from bert_ft.heads import POOLINGS, EntityPairClassifier
+from bert_ft.io import atomic_write_lines
+from bert_ft.metrics import confusion_matrix, format_confusion, format_table, relation_type, semeval_official_score
+from bert_ft.predict import run_model
+
+SAMPLES = os.path.join(os.path.dirname(__file__), "samples")
+MARKERS = ("<e1>", "</e1>", "<e2>", "</e2>")
+MARKER_PATTERN = re.compile(r"</?e[12]>")
+OTHER = "Other"
+_DIRECTED = re.compile(r"^(.+)\((e1,e2|e2,e1)\)$")
+_FORMAT_FIX = ('SemEval format: 4 lines per record: ID<TAB>"sentence with <e1>..</e1> and <e2>..</e2>", the label '
+               "(e.g. Cause-Effect(e2,e1) or Other), 'Comment:' (optional), a blank line")
+_MARKER_FIX = ("mark each entity exactly once, not nested or overlapping, e.g. "
+               '"The <e1>juice</e1> came from the <e2>oranges</e2>."')
+
+
+@dataclass
+class RelationOptions:
+    pooling: str = flag("entity_start", "entity-pair representation: hidden states at <e1> and <e2> "
+                        "(entity_start), [CLS] + mean of each entity (entity_mean), or [CLS] alone (cls)",
+                        choices=POOLINGS)
+
+
+@dataclass
+class RelationExample:
+    id: str
+    text: str  # the marked text the model reads: exactly one <e1>..</e1> and one <e2>..</e2>
+    label: str | None  # None for unlabelled inputs (predict)
+    path: str  # the file, for messages
+    line: int  # line of the record (SemEval: its ID line; JSONL: its line)
+
+
+# --------------------------------------------------------------------------------------------- markers
+
+def _excerpt(text: str, limit: int = 90) -> str:
+    return repr(text if len(text) <= limit else text[:limit - 3] + "...")
+
+
+def check_markers(text: str, path: str, line: int | None) -> dict[str, int]:
+    """Character offset of each marker; DataError for missing, duplicated, unclosed, empty, nested or crossing ones."""
+    found: dict[str, list[int]] = {marker: [] for marker in MARKERS}
+    for match in MARKER_PATTERN.finditer(text):
+        found[match.group()].append(match.start())
+    where = f"in {_excerpt(text)}"
+    for marker in MARKERS:
+        if len(found[marker]) > 1:
+            raise DataError(path, line, f"duplicated entity marker {marker} ({len(found[marker])} times) {where}",
+                            _MARKER_FIX)
+    for entity in ("e1", "e2"):
+        opening, closing = found[f"<{entity}>"], found[f"</{entity}>"]
+        if opening and not closing:
+            raise DataError(path, line, f"unclosed entity marker <{entity}> (no </{entity}>) {where}", _MARKER_FIX)
+        if closing and not opening:
+            raise DataError(path, line, f"</{entity}> without <{entity}> {where}", _MARKER_FIX)
+        if not opening:
+            raise DataError(path, line, f"missing entity marker <{entity}>..</{entity}> {where}",
+                            _MARKER_FIX + " (markers are lower case)")
+        if closing[0] < opening[0]:
+            raise DataError(path, line, f"</{entity}> comes before <{entity}> {where}", _MARKER_FIX)
+        if not text[opening[0] + len(entity) + 2:closing[0]].strip():
+            raise DataError(path, line, f"empty entity <{entity}></{entity}> {where}", "mark at least one word")
+    positions = {marker: found[marker][0] for marker in MARKERS}
+    (first, first_end), (second, second_end) = sorted(
+        [(positions["<e1>"], positions["</e1>"]), (positions["<e2>"], positions["</e2>"])])
+    if second < first_end:
+        outer, inner = ("e1", "e2") if first == positions["<e1>"] else ("e2", "e1")
+        problem = (f"nested entity markers: <{inner}>..</{inner}> lies inside <{outer}>..</{outer}>"
+                   if second_end < first_end else f"overlapping entity markers: <{inner}> opens before </{outer}>")
+        raise DataError(path, line, f"{problem} {where}",
+                        "the two entities must not overlap: close the first one before the second opens")
+    return positions
+
+
+def mark_spans(text: str, head: tuple[int, int], tail: tuple[int, int]) -> str:
+    """Insert <e1>..</e1> around the head and <e2>..</e2> around the tail (character spans, end exclusive)."""
+    inserts = [(head[0], 1, "<e1>"), (head[1], 0, "</e1>"), (tail[0], 1, "<e2>"), (tail[1], 0, "</e2>")]
+    parts, previous = [], 0
+    for position, _, marker in sorted(inserts):  # at one offset a closing marker goes first: "</e1><e2>"
+        parts.append(text[previous:position])
+        parts.append(marker)
+        previous = position
+    parts.append(text[previous:])
+    return "".join(parts)
+
+
+def _span(record: dict, key: str, text: str, path: str, line: int) -> tuple[int, int]:
+    span = record[key]
+    if not (isinstance(span, (list, tuple)) and len(span) == 2
+            and all(isinstance(value, int) and not isinstance(value, bool) for value in span)):
+        raise DataError(path, line, f"'{key}' must be [start, end] (two integers), got {span!r}",
+                        "character offsets into 'text', 0-based, end exclusive")
+    start, end = span
+    if not 0 <= start < end <= len(text):
+        raise DataError(path, line, f"'{key}' span [{start}, {end}] lies outside the text ({len(text)} characters) "
+                        "or is empty", "character offsets into 'text', 0-based, end exclusive: text[start:end]")
+    if not text[start:end].strip():
+        raise DataError(path, line, f"'{key}' span [{start}, {end}] covers only whitespace "
+                        f"({text[start:end]!r})", "character offsets into 'text', 0-based, end exclusive")
+    return start, end
+
+
+def example_from_record(record: dict, path: str, line: int, need_label: bool = True) -> RelationExample:
+    """A JSON object: {"id"?, "text", "head": [s, e], "tail": [s, e], "label"} or {"text" with markers, "label"}."""
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(path, line, "'text' must be a non-empty string",
+                        '{"text": "...", "head": [start, end], "tail": [start, end], "label": "..."}')
+    label = record.get("label")
+    if need_label:
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise DataError(path, line, "missing label ('label' is absent or empty)",
+                            'give every training/test record a "label", e.g. "Cause-Effect(e1,e2)" or "Other"')
+        if not isinstance(label, (str, int)) or isinstance(label, bool):
+            raise DataError(path, line, f"'label' must be a string, got {label!r}")
+        label = str(label).strip()
+    has_spans = [key for key in ("head", "tail") if key in record]
+    if len(has_spans) == 1:
+        missing = "tail" if has_spans == ["head"] else "head"
+        raise DataError(path, line, f"'{has_spans[0]}' is given but '{missing}' is missing",
+                        "give both 'head' and 'tail' spans, or neither (then mark the text with <e1>/<e2>)")
+    if has_spans:
+        if MARKER_PATTERN.search(text):
+            raise DataError(path, line, f"the text already contains entity markers and also has head/tail spans "
+                            f"{_excerpt(text)}", "give either spans or markers, not both")
+        head, tail = _span(record, "head", text, path, line), _span(record, "tail", text, path, line)
+        if max(head[0], tail[0]) < min(head[1], tail[1]):
+            raise DataError(path, line, f"head {list(head)} ({text[head[0]:head[1]]!r}) and tail {list(tail)} "
+                            f"({text[tail[0]:tail[1]]!r}) overlap", "the two entity spans must be disjoint "
+                            "(end offsets are exclusive)")
+        text = mark_spans(text, head, tail)
+    check_markers(text, path, line)
+    record_id = record.get("id", line)
+    return RelationExample(str(record_id), text, label if need_label else None, path, line)
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+def _unquote(sentence: str) -> str:
+    sentence = sentence.strip()
+    if len(sentence) >= 2 and sentence[0] == sentence[-1] == '"':
+        return sentence[1:-1]
+    return sentence
+
+
+_RECORD_START = re.compile(r"^\s*(\S+)\t(.*\S)\s*$")
+_RECORD_START_SPACES = re.compile(r'^\s*(\S+)\s+(".*")\s*$')
+
+
+def _record_start(line: str) -> tuple[str, str] | None:
+    match = _RECORD_START.match(line) or _RECORD_START_SPACES.match(line)
+    return (match.group(1), _unquote(match.group(2))) if match else None
+
+
+def read_semeval(path: str, lines: list[str]) -> list[RelationExample]:
+    """The SemEval-2010 Task 8 release layout (TRAIN_FILE.TXT, TEST_FILE_FULL.TXT)."""
+    examples, index, count = [], 0, len(lines)
+    while index < count:
+        if not lines[index].strip():
+            index += 1
+            continue
+        number = index + 1
+        start = _record_start(lines[index])
+        if start is None:
+            raise DataError(path, number, f"record structure broken: expected a record start "
+                            f"'ID<TAB>\"sentence\"', got {_excerpt(lines[index])}", _FORMAT_FIX)
+        record_id, sentence = start
+        check_markers(sentence, path, number)
+        label_index = index + 1
+        label_line = lines[label_index].strip() if label_index < count else ""
+        if (not label_line or label_line.lower().startswith("comment")
+                or _record_start(lines[label_index])):  # a label never holds a tab or a quoted sentence
+            what = "the file ends" if label_index >= count else f"line {label_index + 1} is {_excerpt(label_line)}"
+            raise DataError(path, number, f"missing label: record {record_id} has no label line ({what})",
+                            _FORMAT_FIX + "; unlabelled text goes to `run_task.py predict`")
+        if MARKER_PATTERN.search(label_line):
+            raise DataError(path, label_index + 1, f"record structure broken: expected the label of record "
+                            f"{record_id} (line {number}), got {_excerpt(label_line)}", _FORMAT_FIX)
+        next_index = label_index + 1
+        if next_index < count and lines[next_index].strip().lower().startswith("comment"):
+            next_index += 1
+        if next_index < count and lines[next_index].strip():
+            raise DataError(path, next_index + 1, f"record structure broken: expected a blank line ending record "
+                            f"{record_id} (line {number}), got {_excerpt(lines[next_index])}", _FORMAT_FIX)
+        examples.append(RelationExample(record_id, sentence, label_line, path, number))
+        index = next_index
+    return examples
+
+
+def read_jsonl(path: str, lines: list[str]) -> list[RelationExample]:
+    return [example_from_record(record, path, number) for number, record in read_jsonl_records(path, lines)]
+
+
+# ------------------------------------------------------------------------------------------ long inputs
+
+def choose_tokens(length: int, markers: list[int], budget: int) -> tuple[list[int], str]:
+    """Which content-token positions to keep (ascending) when `length` tokens must fit in `budget`.
+
+    `markers` are the positions of <e1>, </e1>, <e2>, </e2>. Returns (positions, kind) with kind
+      "full"      everything fits;
+      "truncated" the tail is cut, all four markers lie before it;
+      "window"    a window of `budget` tokens covering all four markers, centred between the two entities;
+      "split"     the entities are too far apart for one window: each entity is kept whole with its markers, and
+                  the context around each fills the rest (the text between them is cut);
+      "split_cut" not even the two entities fit: each keeps its markers and the first tokens of its text that fit.
+    No kind ever loses a marker.
+    """
+    if budget < 4:
+        raise UsageError(f"--max_seq_length leaves room for {budget} tokens; the 4 entity markers need at least 4")
+    if length <= budget:
+        return list(range(length)), "full"
+    low, high = min(markers), max(markers)
+    if high < budget:
+        return list(range(budget)), "truncated"
+    if high - low + 1 <= budget:
+        lowest, highest = max(0, high - budget + 1), min(low, length - budget)
+        start = min(max(round((low + high) / 2 - (budget - 1) / 2), lowest), highest)
+        return list(range(start, start + budget)), "window"
+    e1_start, e1_end, e2_start, e2_end = markers
+    (first_start, first_end), (second_start, second_end) = sorted([(e1_start, e1_end), (e2_start, e2_end)])
+    sizes = [first_end - first_start - 1, second_end - second_start - 1]  # entity text tokens, markers excluded
+    room = budget - 4
+    kind = "split"
+    if sum(sizes) > room:  # share the room fairly; a short entity leaves its unused share to the other
+        kind = "split_cut"
+        first_size = min(sizes[0], max(room // 2, room - sizes[1]))
+        sizes = [first_size, min(sizes[1], room - first_size)]
+    keep = set(markers)
+    keep.update(range(first_start + 1, first_start + 1 + sizes[0]))
+    keep.update(range(second_start + 1, second_start + 1 + sizes[1]))
+    # Context, one token at a time round the four frontiers: before/after the first and the second entity.
+    frontiers = [[first_start - 1, -1, 0], [first_end + 1, 1, second_start - 1],
+                 [second_start - 1, -1, first_end + 1], [second_end + 1, 1, length - 1]]
+    while len(keep) < budget and frontiers:
+        for frontier in list(frontiers):
+            position, step, limit = frontier
+            if len(keep) >= budget:
+                break
+            if (position - limit) * step > 0 or position in keep:
+                frontiers.remove(frontier)
+                continue
+            keep.add(position)
+            frontier[0] += step
+    return sorted(keep), kind
+
+
+LONG_KINDS = {
+    "truncated": "text after the entities cut (all markers kept)",
+    "window": "window around both entities (all markers kept)",
+    "split": "entities too far apart: each kept whole with its context, text between them cut",
+    "split_cut": "not even both entities fit: each kept with its markers and as much of its text as fits",
+}
+
+
+# ----------------------------------------------------------------------------------------------- the task
+
+def _short_names(labels: list[str]) -> list[str]:
+    """The Perl scorer's column names (Cause-Effect(e1,e2) -> C-E1, Other -> _O_), or the labels if they clash."""
+    names = []
+    for label in labels:
+        match = re.match(r"^(\w)[^-(]*-(\w)[^(]*\(e([12]),e[12]\)$", label)
+        names.append("_O_" if label == OTHER else f"{match.group(1)}-{match.group(2)}{match.group(3)}" if match
+                     else label)
+    return names if len(set(names)) == len(names) else list(labels)
+
+
+class RelationTask:
+    name = "relation"
+    description = ("relation classification between <e1>/<e2>-marked entities (SemEval-2010 Task 8 format or JSONL "
+                   "spans); official SemEval macro-F1")
+    options_type = RelationOptions
+    metric = "macro_f1"
+    predictions_file = "test_predictions.jsonl"
+
+    def __init__(self, options: RelationOptions | None = None) -> None:
+        self.options = options or RelationOptions()
+
+    def default_files(self) -> dict:
+        # No shipped dev file: the core keeps the last epoch, or --validation_split carves a seeded dev set.
+        return {"train": os.path.join(SAMPLES, "relation_train.txt"), "validation": None,
+                "test": os.path.join(SAMPLES, "relation_test.txt")}
+
+    def read(self, path: str) -> list[RelationExample]:
+        lines = read_text_lines(path)
+        first = next(line for line in lines if line.strip())
+        examples = read_jsonl(path, lines) if first.lstrip().startswith("{") else read_semeval(path, lines)
+        if not examples:
+            raise DataError(path, None, "no examples found", _FORMAT_FIX)
+        return examples
+
+    def from_hub(self, dataset, split: str) -> list[RelationExample]:
+        """The Hub `sem_eval_2010_task_8` layout: columns `sentence` (marked) and `relation` (class ids)."""
+        columns = set(dataset.column_names)
+        if not {"sentence", "relation"} <= columns:
+            raise DataError(split, None, f"expected columns 'sentence' and 'relation', found {sorted(columns)}",
+                            "use the sem_eval_2010_task_8 dataset, or convert the data to a file (README formats)")
+        feature = dataset.features["relation"]
+        names = getattr(feature, "names", None)
+        examples = []
+        for index, row in enumerate(dataset):
+            label = row["relation"]
+            if isinstance(label, int) and names:
+                if not 0 <= label < len(names):
+                    raise DataError(f"{split} split", index + 1, f"missing label (class id {label})")
+                label = names[label]
+            record = {"id": index + 1, "text": _unquote(str(row["sentence"])), "label": label}
+            examples.append(example_from_record(record, f"{split} split", index + 1))
+        return examples
+
+    def labels_of(self, example: RelationExample) -> list[str]:
+        return [example.label]
+
+    def build_labels(self, train_examples: list[RelationExample]) -> list[str]:
+        """Sorted labels, Other last. A directed label brings its mirror (X(e1,e2) -> X(e2,e1)): a small training
+        slice may lack a rare direction (Entity-Destination(e2,e1) occurs once in SemEval train)."""
+        labels = {example.label for example in train_examples}
+        for label in list(labels):
+            match = _DIRECTED.match(label)
+            if match:
+                labels.add(f"{match.group(1)}({'e2,e1' if match.group(2) == 'e1,e2' else 'e1,e2'})")
+        return sorted(labels, key=lambda label: (label == OTHER, label))
+
+    def prepare_tokenizer(self, tokenizer) -> None:
+        """The four markers become special tokens: never split, never lower-cased, saved with the tokenizer."""
+        try:  # transformers 5
+            tokenizer.add_special_tokens({"extra_special_tokens": list(MARKERS)}, replace_extra_special_tokens=False)
+        except TypeError:  # transformers 4
+            tokenizer.add_special_tokens({"additional_special_tokens": list(MARKERS)},
+                                         replace_additional_special_tokens=False)
+
+    def pad_values(self, tokenizer) -> dict:
+        return {"input_ids": tokenizer.pad_token_id}
+
+    def build_model(self, model_path: str, labels: list[str], tokenizer, trust_remote_code: bool):
+        return EntityPairClassifier.create(model_path, labels, self.options.pooling, trust_remote_code,
+                                           len(tokenizer))
+
+    # ---------------------------------------------------------------------------------------- features
+    @staticmethod
+    def marker_ids(tokenizer) -> list[int]:
+        ids = []
+        for marker in MARKERS:
+            pieces = tokenizer(marker, add_special_tokens=False)["input_ids"]
+            if len(pieces) != 1 or pieces[0] == tokenizer.unk_token_id:
+                raise UsageError(f"the tokenizer splits the entity marker {marker} into {len(pieces)} tokens; "
+                                 "RelationTask.prepare_tokenizer must run first (a bert-ft relation model folder "
+                                 "already has them)")
+            ids.append(pieces[0])
+        return ids
+
+    def encode(self, examples: list[RelationExample], tokenizer, max_seq_length: int, labels: list[str]) -> list[dict]:
+        """One feature per example; e*_start/e*_end are the positions of the marker tokens in input_ids."""
+        label_ids = {label: index for index, label in enumerate(labels)}
+        marker_ids = self.marker_ids(tokenizer)
+        before, after = special_tokens_around(tokenizer)
+        budget = max_seq_length - len(before) - len(after)
+        with_types = "token_type_ids" in tokenizer.model_input_names
+        encoded = tokenizer([example.text for example in examples], add_special_tokens=False)["input_ids"]
+        features = []
+        for example_index, (example, content) in enumerate(zip(examples, encoded)):
+            positions = []
+            for marker, marker_id in zip(MARKERS, marker_ids):
+                found = [position for position, token in enumerate(content) if token == marker_id]
+                if len(found) != 1:  # the text was checked for exactly one of each, so the tokenizer misbehaved
+                    raise DataError(example.path, example.line, f"{marker} became {len(found)} tokens in "
+                                    f"{_excerpt(example.text)}", "please report this with the sentence")
+                positions.extend(found)
+            kept, kind = choose_tokens(len(content), positions, budget)
+            input_ids = before + [content[position] for position in kept] + after
+            feature = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids),
+                       "example_index": example_index, "window": kind}
+            for key, marker_id in zip(("e1_start", "e1_end", "e2_start", "e2_end"), marker_ids):
+                feature[key] = input_ids.index(marker_id)
+            if with_types:
+                feature["token_type_ids"] = [0] * len(input_ids)
+            if example.label is not None:
+                feature["labels"] = label_ids[example.label]
+            features.append(feature)
+        return features
+
+    @staticmethod
+    def _per_example(examples, features, outputs) -> list[dict]:
+        by_example: list[dict | None] = [None] * len(examples)
+        for feature, output in zip(features, outputs):
+            by_example[feature["example_index"]] = output
+        return by_example
+
+    # ---------------------------------------------------------------------------------------- scoring
+    def evaluate(self, examples, features, outputs, labels, source):
+        from bert_ft.task import Evaluation
+
+        predicted = [labels[int(output["pred"])] for output in self._per_example(examples, features, outputs)]
+        gold = [example.label for example in examples]
+        score = semeval_official_score(gold, predicted, OTHER)
+        metrics = {"macro_f1": score["macro_f1"], "accuracy": score["accuracy"], "micro_f1": score["micro_f1"],
+                   "micro_precision": score["micro_precision"], "micro_recall": score["micro_recall"]}
+        wrong_direction = Counter(relation_type(g) for g, p in zip(gold, predicted)
+                                  if g != p and relation_type(g) == relation_type(p) and g != OTHER)
+        rows = [[name, values["precision"], values["recall"], values["f1"], values["support"], wrong_direction[name]]
+                for name, values in score["per_type"].items()]
+        rows.append(["micro (types above)", score["micro_precision"], score["micro_recall"], score["micro_f1"],
+                     sum(values["support"] for values in score["per_type"].values()), sum(wrong_direction.values())])
+        matrix = confusion_matrix(gold, predicted, labels)
+        short = _short_names(labels)
+        legend = ", ".join(f"{name} = {label}" for name, label in zip(short, labels) if name != label)
+        kinds = Counter(feature["window"] for feature in features)
+        long_total = sum(count for kind, count in kinds.items() if kind != "full")
+        long_lines = [f"long sentences (over the max_seq_length): {long_total} of {len(features)}"]
+        long_lines += [f"  {kinds[kind]:>5}  {text}" for kind, text in LONG_KINDS.items()]
+        report = "\n".join([
+            f"official SemEval-2010 Task 8 score ((9+1)-way, directionality taken into account, macro-averaged over "
+            f"the {len(score['per_type'])} relation types in gold, {OTHER} excluded): macro-F1 = "
+            f"{score['macro_f1']:.4f}",
+            f"accuracy (exact label, {OTHER} included) = {score['accuracy']:.4f}; micro-F1 ({OTHER} excluded) = "
+            f"{score['micro_f1']:.4f}",
+            "",
+            "per relation type (a hit needs the right direction; 'wrong dir' = right type, wrong direction):",
+            format_table(rows, ["relation", "P", "R", "F1", "support", "wrong dir"]),
+            "",
+            "confusion matrix (rows gold, columns predicted)" + (":" if not legend else ";"),
+            *(textwrap.wrap(legend, 116, initial_indent="  ", subsequent_indent="  ") if legend else []),
+            format_confusion(matrix, short),
+            "",
+            *long_lines,
+        ])
+        return Evaluation(metrics, report, predicted, (list(labels), matrix))
+
+    def write_predictions(self, path: str, examples: list[RelationExample], predictions: list[str]) -> None:
+        atomic_write_lines(path, [json.dumps({"id": example.id, "gold": example.label, "pred": prediction},
+                                             ensure_ascii=False) for example, prediction in zip(examples, predictions)])
+
+    # ---------------------------------------------------------------------------------------- raw text
+    def predict(self, model, tokenizer, inputs: list, max_seq_length: int, batch_size: int) -> list[dict]:
+        """Inputs: strings with <e1>..</e1> <e2>..</e2>, or {"text", "head": [s, e], "tail": [s, e]} (or a marked
+        "text"). Returns per input {"text", "label", "probability", "probabilities": {label: p}}."""
+        examples = []
+        for number, item in enumerate(inputs, start=1):
+            if isinstance(item, str):
+                item = {"text": item}
+            if not isinstance(item, dict):
+                raise DataError("input", number, f"expected a marked string or a JSON object, got {item!r}")
+            examples.append(example_from_record(item, "input", number, need_label=False))
+        labels = model.labels
+        features = self.encode(examples, tokenizer, max_seq_length, labels)
+        outputs = self._per_example(examples, features, run_model(model, features, self.pad_values(tokenizer),
+                                                                  batch_size))
+        results = []
+        for item, output in zip(inputs, outputs):
+            probabilities = [float(value) for value in output["probs"]]
+            best = int(output["pred"])
+            result = {"text": item if isinstance(item, str) else item["text"], "label": labels[best],
+                      "probability": round(probabilities[best], 6),
+                      "probabilities": {label: round(value, 6) for label, value in zip(labels, probabilities)}}
+            if isinstance(item, dict):
+                result.update({key: item[key] for key in ("id", "head", "tail") if key in item})
+            results.append(result)
+        return results
