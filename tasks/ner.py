@@ -119,15 +119,19 @@ def read_conll(path: str, lines: list[str]) -> list[tuple[list[str], list[str], 
     return sentences
 
 
-def _spans_to_tags(path: str, number: int, record: dict) -> tuple[list[str], list[str], list[tuple[int, int]]]:
-    """CLUENER2020 record -> one word per character with IOB2 tags (span ends are inclusive)."""
+def _spans_to_tags(path: str, number: int, record: dict) -> tuple[list[str], list[str], list[tuple[int, int]], list[str]]:
+    """CLUENER2020 record -> one word per character with IOB2 tags (span ends are inclusive).
+
+    BIO cannot hold nested entities: the outer (longer) span is kept and each nested one is returned in the last
+    element (for a counted warning) instead of being dropped silently.
+    """
     text = record["text"]
     if not isinstance(text, str) or not isinstance(record["label"], dict):
         raise DataError(path, number, "'text' must be a string and 'label' an object {type: {mention: [[s, e]]}}")
-    tags = ["O"] * len(text)
+    spans = []
     for entity_type, mentions in record["label"].items():
-        for mention, spans in mentions.items():
-            for span in spans:
+        for mention, mention_spans in mentions.items():
+            for span in mention_spans:
                 if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)):
                     raise DataError(path, number, f"span {span!r} of {mention!r} is not [start, end]")
                 start, end = span
@@ -137,16 +141,19 @@ def _spans_to_tags(path: str, number: int, record: dict) -> tuple[list[str], lis
                 if text[start:end + 1] != mention:
                     raise DataError(path, number, f"span [{start}, {end}] covers {text[start:end + 1]!r}, "
                                     f"not the mention {mention!r}", "CLUENER spans are 0-based with inclusive ends")
-                if any(tag != "O" for tag in tags[start:end + 1]):
-                    raise DataError(path, number, f"span [{start}, {end}] ({mention!r}) overlaps another entity",
-                                    "nested or overlapping entities cannot be tagged with BIO; remove one of them")
-                tags[start] = "B-" + entity_type
-                tags[start + 1:end + 1] = ["I-" + entity_type] * (end - start)
-    return list(text), tags, [(index, index + 1) for index in range(len(text))]
+                spans.append((start, end, entity_type, mention))
+    tags, dropped = ["O"] * len(text), []
+    for start, end, entity_type, mention in sorted(spans, key=lambda span: (span[0] - span[1], span[0])):
+        if any(tag != "O" for tag in tags[start:end + 1]):
+            dropped.append(f"{path}:{number} {entity_type} {mention!r} [{start}, {end}]")
+            continue
+        tags[start] = "B-" + entity_type
+        tags[start + 1:end + 1] = ["I-" + entity_type] * (end - start)
+    return list(text), tags, [(index, index + 1) for index in range(len(text))], dropped
 
 
 def read_jsonl(path: str, lines: list[str]) -> list[NerExample]:
-    examples = []
+    examples, nested = [], []
     for number, record in read_jsonl_records(path, lines):
         if "tokens" in record:
             tags = record.get("tags", record.get("ner_tags"))
@@ -157,12 +164,16 @@ def read_jsonl(path: str, lines: list[str]) -> list[NerExample]:
                 _split_tag(str(tag), path, number)
             examples.append(NerExample([str(word) for word in record["tokens"]], [str(tag) for tag in tags], path, number))
         elif "text" in record and "label" in record:
-            words, tags, offsets = _spans_to_tags(path, number, record)
+            words, tags, offsets, dropped = _spans_to_tags(path, number, record)
             examples.append(NerExample(words, tags, path, number, record["text"], offsets))
+            nested.extend(dropped)
         else:
             raise DataError(path, number, f"unknown record with keys {sorted(record)}",
                             'use {"tokens", "tags"} or CLUENER {"text", "label"}; unlabelled text goes to '
                             "`run_task.py predict`")
+    if nested:
+        print(f"warning: {path}: {len(nested)} entities nested inside another were not tagged (BIO holds one "
+              f"layer; the outer span is kept), e.g. {nested[0]}")
     return examples
 
 

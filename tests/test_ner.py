@@ -78,12 +78,19 @@ def test_jsonl_tokens_and_cluener_spans(tmp_path):
 @pytest.mark.parametrize("label, expected", [
     ({"name": {"彭小军": [[0, 9]]}}, "outside the text"),
     ({"name": {"彭小": [[1, 2]]}}, "not the mention"),
-    ({"name": {"彭小军": [[0, 2]]}, "address": {"军认": [[2, 3]]}}, "overlaps"),
 ])
 def test_bad_cluener_spans(tmp_path, label, expected):
     path = write(tmp_path, "b.jsonl", json.dumps({"text": "彭小军认为", "label": label}, ensure_ascii=False) + "\n")
     with pytest.raises(DataError, match=expected):
         NerTask().read(path)
+
+
+def test_nested_cluener_span_keeps_the_outer_one_with_a_counted_warning(tmp_path, capsys):
+    record = {"text": "《招商银行》好", "label": {"book": {"《招商银行》": [[0, 5]]}, "company": {"招商银行": [[1, 4]]}}}
+    path = write(tmp_path, "n.jsonl", json.dumps(record, ensure_ascii=False) + "\n")
+    [example] = NerTask().read(path)
+    assert example.tags == ["B-book"] + ["I-book"] * 5 + ["O"]
+    assert "1 entities nested" in capsys.readouterr().out
 
 
 def test_split_words_matches_the_tokenizer_word_split():
