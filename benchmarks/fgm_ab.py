@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
     print(f"FGM A/B on SST-2: {args.train_samples} train rows (first of train.tsv), {args.eval_samples} dev rows "
-          f"as test, {args.epochs} epochs, lr {args.learning_rate} (head {args.head_learning_rate}), batch {args.batch_size}, max_seq_length "
+          f"as test, {args.epochs} epochs, lr {args.learning_rate} (head {args.head_learning_rate}), "
+          f"batch {args.batch_size}, max_seq_length "
           f"{args.max_seq_length}, adv_epsilon {args.adv_epsilon}, seeds {args.seeds}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"load average at start {os.getloadavg()[0]:.2f}\n")

@@ -146,7 +146,7 @@ def run_recipe(args) -> dict:
 
     training_args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="bench-recipe-"), per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.eval_batch_size, learning_rate=args.learning_rate, warmup_ratio=0.1,
+        per_device_eval_batch_size=args.eval_batch_size, learning_rate=args.learning_rate, warmup_steps=0.1,
         weight_decay=0.01, num_train_epochs=args.num_train_epochs, seed=args.seed, save_strategy="no",
         eval_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
         bf16=args.mixed_precision == "bf16", fp16=args.mixed_precision == "fp16", use_cpu=not torch.cuda.is_available())
