@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from bert_ft.config import flag
-from bert_ft.data import read_text_lines
+from bert_ft.data import read_jsonl_records, read_text_lines
 from bert_ft.errors import DataError
 from bert_ft.heads import SequenceClassifier
 from bert_ft.io import atomic_write_lines
@@ -178,16 +178,7 @@ def _field_fix(delimiter: str) -> str:
 def read_jsonl(path: str, text: str, options: SentenceOptions) -> list[SentenceExample]:
     examples, columns = [], None
     # Split on "\n" only: str.splitlines would also break at U+2028 and friends, which JSON strings may hold raw.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(path, number, f"not valid JSON ({error.msg})", "one JSON object per line") from None
-        if not isinstance(record, dict):
-            raise DataError(path, number, f"expected a JSON object per line, got {type(record).__name__}",
-                            f'write {{"{options.text_column}": "...", "{options.label_column}": "..."}} per line')
+    for number, record in read_jsonl_records(path, text.split("\n")):
         # Each record is checked against its own keys; the first one's message names the file's columns.
         row_columns = _Columns(options, list(record), path, number)
         if columns is None:
