@@ -100,10 +100,9 @@ class TrainConfig:
             bad("layer_lr_decay", f"must be in (0, 1], got {self.layer_lr_decay}")
         if not 0 <= self.warmup_ratio < 1:
             bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.adv_epsilon < 0 or self.adv_alpha < 0:
-            for name in ("weight_decay", "max_grad_norm", "adv_epsilon", "adv_alpha"):
-                if getattr(self, name) < 0:
-                    bad(name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "max_grad_norm", "adv_epsilon", "adv_alpha"):
+            if getattr(self, name) < 0:
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.validation_split < 1:
             bad("validation_split", f"must be in [0, 1), got {self.validation_split}")
         if self.freeze_layers < 0:

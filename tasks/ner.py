@@ -230,11 +230,11 @@ class NerTask:
     def read(self, path: str) -> list[NerExample]:
         lines = read_text_lines(path)
         first = next(line for line in lines if line.strip())
-        if first.lstrip().startswith("{"):
-            examples = read_jsonl(path, lines)
-        else:
+        is_conll = not first.lstrip().startswith("{")  # CoNLL: one word per line, so a word has its own line
+        if is_conll:
             examples = [NerExample(words, tags, path, line) for words, tags, line in read_conll(path, lines)]
-        is_conll = examples[0].text is None and not first.lstrip().startswith("{")
+        else:
+            examples = read_jsonl(path, lines)
         if not examples:
             raise DataError(path, None, "no sentences found", "CoNLL: one 'token tag' per line, blank line between "
                             "sentences; JSONL: one object per line")

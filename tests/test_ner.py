@@ -58,6 +58,15 @@ def test_bad_conll_gets_file_line_and_fix(tmp_path, text, expected):
     assert path in str(caught.value) and expected in str(caught.value)
 
 
+def test_strict_tags_on_jsonl_names_the_record_line(tmp_path):
+    lines = [json.dumps({"tokens": ["Ada", "Lovelace"], "tags": ["B-PER", "I-PER"]}),
+             json.dumps({"tokens": ["in", "Paris"], "tags": ["O", "I-LOC"]}),
+             json.dumps({"tokens": ["Rome"], "tags": ["B-LOC"]})]
+    path = write(tmp_path, "s.jsonl", "\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"s.jsonl:2: I-LOC follows O"):
+        NerTask(NerOptions(strict_tags=True)).read(path)
+
+
 def test_non_utf8_file_is_refused_with_line(tmp_path):
     path = write(tmp_path, "latin.txt", "Peter B-PER\nM\u00fcller I-PER\n", encoding="latin-1")
     with pytest.raises(DataError, match=r"latin.txt:2: not valid UTF-8"):
