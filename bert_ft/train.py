@@ -279,7 +279,7 @@ def run(task: Task, config: TrainConfig, options: Any, task_name: str) -> dict:
     task.prepare_tokenizer(tokenizer)
     encoded = {split: _indexed(task.encode(examples, tokenizer, config.max_seq_length, labels))
                for split in ("train", "validation", "test") if (examples := getattr(splits, split))}
-    log(f"data: " + ", ".join(f"{split} {len(getattr(splits, split))} examples ({splits.sources[split]})"
+    log("data: " + ", ".join(f"{split} {len(getattr(splits, split))} examples ({splits.sources[split]})"
                               for split in encoded))
 
     model = task.build_model(resolve_model_path(config.model_name_or_path), labels, tokenizer,
