@@ -6,6 +6,9 @@
 
 __version__ = "0.1.0"
 
+# The submodule bert_ft.predict shares the API function's name: import it first, so that a later
+# `import bert_ft.predict` elsewhere finds it loaded and does not rebind `bert_ft.predict` to the module.
+from . import predict as _predict_module  # noqa: E402,F401
 from .api import finetune, predict  # noqa: E402
 from .config import TrainConfig  # noqa: E402
 from .heads import load_model  # noqa: E402
