@@ -450,7 +450,7 @@ def run(task: Task, config: TrainConfig, options: Any, task_name: str) -> dict:
     best, _, _ = load_model(model_dir)
     network.load_state_dict(best.state_dict())
     del best
-    metrics = _final_metrics(config, state, splits, accelerator)
+    metrics = _final_metrics(state, splits, accelerator)
     report_sections = [f"bert-ft {task_name} run: {config.output_dir}",
                        f"best epoch: {state.best_epoch} (by validation {task.metric})" if "validation" in encoded
                        else "no validation set: the last epoch is kept"]
@@ -481,7 +481,7 @@ def run(task: Task, config: TrainConfig, options: Any, task_name: str) -> dict:
     return metrics
 
 
-def _final_metrics(config: TrainConfig, state: TrainerState, splits: Splits, accelerator: Accelerator) -> dict:
+def _final_metrics(state: TrainerState, splits: Splits, accelerator: Accelerator) -> dict:
     seconds = max(state.train_seconds, 1e-9)
     epochs_done = len(state.history)
     return {

@@ -221,7 +221,6 @@ class NerTask:
 
     def __init__(self, options: NerOptions | None = None) -> None:
         self.options = options or NerOptions()
-        self.warnings: list[str] = []
 
     def default_files(self) -> dict:
         return {split: os.path.join(SAMPLES, f"ner_{name}.txt")
@@ -254,10 +253,8 @@ class NerTask:
                                 "automatically (with a counted warning)")
             repaired_total += len(repaired)
         if repaired_total:
-            message = (f"warning: {path}: repaired {repaired_total} entities that started with I- (I-X after O) "
-                       "to B-X; use --strict_tags to refuse such files")
-            print(message)
-            self.warnings.append(message)
+            print(f"warning: {path}: repaired {repaired_total} entities that started with I- (I-X after O) "
+                  "to B-X; use --strict_tags to refuse such files")
         return examples
 
     def from_hub(self, dataset, split: str) -> list[NerExample]:
