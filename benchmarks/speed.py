@@ -1,13 +1,16 @@
 """bert-ft vs the Hugging Face Trainer recipe (run_ner.py / run_glue.py way), side by side, one command.
 
     python benchmarks/speed.py ner --max_train_samples 2000 --max_eval_samples 1000
-    python benchmarks/speed.py sentence --max_train_samples 4000 --max_eval_samples 872
+    python benchmarks/speed.py sentence --max_train_samples 4000 --max_eval_samples 872 --seeds 1 2 3 4 5
+    python benchmarks/speed.py ner --mixed_precision bf16 --max_train_samples 14041   # on a GPU: prints MFU too
 
 Both sides get the same model, data slice, batch size, learning rate, warmup, weight decay, epochs and seed, and each
 runs in its own subprocess so that peak memory (RSS; GPU memory on a GPU) is its own. The recipe side is the stock
 one: `Trainer`, `DataCollatorForTokenClassification` / `DataCollatorWithPadding`, random sampler, one learning rate.
 Printed for each: train samples/s, real (non-pad) tokens/s, padding ratio, peak memory, eval samples/s and the test
-score, then the ratios bert-ft / recipe.
+score, then the ratios bert-ft / recipe. With several `--seeds` both sides run once per seed and the means are
+compared; the score difference is paired by seed. On a GPU (or with `--peak_tflops`) it also prints model FLOPs
+utilisation on real tokens: train tokens/s x (6 x non-embedding parameters + attention) / peak FLOP/s.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,7 +64,9 @@ def run_bert_ft(args) -> dict:
             "train_tokens_per_second": metrics["train_tokens_per_second"],
             "padding_ratio": metrics["padding_ratio"], "peak_memory_mb": peak_memory_mb(),
             "eval_samples_per_second": metrics["test_samples_per_second"], "score": metrics[SCORE[args.task]],
-            "train_runtime": metrics["train_runtime"]}
+            "train_runtime": metrics["train_runtime"],
+            "real_tokens": metrics["train_tokens_per_second"] * metrics["train_runtime"],
+            "train_samples": metrics["train_samples"] * metrics["epochs_trained"]}
 
 
 class CountingCollator:
@@ -171,7 +177,47 @@ def run_recipe(args) -> dict:
             "train_tokens_per_second": collator.real / train_metrics["train_runtime"],
             "padding_ratio": 1 - collator.real / max(collator.padded, 1), "peak_memory_mb": peak_memory_mb(),
             "eval_samples_per_second": len(test_set) / eval_seconds, "score": score,
-            "train_runtime": train_metrics["train_runtime"]}
+            "train_runtime": train_metrics["train_runtime"], "real_tokens": collator.real,
+            "train_samples": len(train_set) * args.num_train_epochs}
+
+
+# Dense bf16 peak of common accelerators (vendor spec sheets, without sparsity), for model FLOPs utilisation.
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100": 756.0,
+                    "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 125.0, "A10": 125.0, "RTX 4090": 165.2}
+
+
+def flops_per_token(model_name_or_path: str, mean_length: float) -> float:
+    """Training FLOPs per real token: 6 x non-embedding parameters + attention scores (the usual MFU count)."""
+    from transformers import AutoConfig
+
+    from bert_ft.encoder import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model_name_or_path))
+    hidden, layers, inner = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    per_layer = 4 * hidden * hidden + 2 * hidden * inner  # Q, K, V, output projections + the feed-forward
+    return 6 * layers * per_layer + 12 * layers * hidden * mean_length
+
+
+def peak_tflops(args) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def run_side(side: str, seed: int) -> dict:
+    result_file = tempfile.mktemp(suffix=".json")
+    command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", side, "--seed", str(seed),
+               "--result_file", result_file]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(result_file, encoding="utf-8") as handle:
+        result = json.load(handle)
+    os.remove(result_file)
+    return result
 
 
 def main() -> None:
@@ -185,36 +231,57 @@ def main() -> None:
     parser.add_argument("--eval_batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--max_seq_length", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42],
+                        help="one run per side and seed; scores are compared per seed (paired) and averaged")
     parser.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
+    parser.add_argument("--peak_tflops", type=float, help="peak FLOP/s of the device in TFLOPS, for MFU (GPUs "
+                        "in PEAK_BF16_TFLOPS are known; on a CPU MFU is printed only with this flag)")
     parser.add_argument("--side", choices=("both", "bert-ft", "recipe"), default="both", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # a child's one seed
     parser.add_argument("--result_file", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.side != "both":  # a child process: one side, result as JSON
+    if args.side != "both":  # a child process: one side, one seed, result as JSON
+        args.seed = args.seed if args.seed is not None else args.seeds[0]
         result = run_bert_ft(args) if args.side == "bert-ft" else run_recipe(args)
         with open(args.result_file, "w", encoding="utf-8") as handle:
             json.dump(result, handle)
         return
-    results = {}
-    for side in ("recipe", "bert-ft"):
-        result_file = tempfile.mktemp(suffix=".json")
-        command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", side, "--result_file", result_file]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if side else None)
-        with open(result_file, encoding="utf-8") as handle:
-            results[side] = json.load(handle)
+    runs = {"recipe": [], "bert-ft": []}
+    for seed in args.seeds:
+        for side in runs:  # one at a time: each side has the machine to itself
+            runs[side].append(run_side(side, seed))
     import torch
 
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"{args.task}: {args.max_train_samples} train / {args.max_eval_samples} test examples, "
-          f"{args.num_train_epochs} epoch(s), batch {args.batch_size}, lr {args.learning_rate}, {machine}")
+          f"{args.num_train_epochs} epoch(s), batch {args.batch_size}, eval batch {args.eval_batch_size}, "
+          f"lr {args.learning_rate}, precision {args.mixed_precision}, seeds {args.seeds}, {machine}")
     keys = ["train_samples_per_second", "train_tokens_per_second", "padding_ratio", "peak_memory_mb",
             "eval_samples_per_second", "score", "train_runtime"]
-    print(f"{'':<26} {'HF recipe':>12} {'bert-ft':>12} {'ratio':>8}")
+    peak = peak_tflops(args)
+    if peak:
+        real_tokens = {side: [run["real_tokens"] / run["train_samples"] for run in side_runs]
+                       for side, side_runs in runs.items()}
+        for side, side_runs in runs.items():
+            for run, mean_length in zip(side_runs, real_tokens[side]):
+                model_flops = flops_per_token(args.model_name_or_path, mean_length)
+                run["mfu_real_tokens"] = run["train_tokens_per_second"] * model_flops / (peak * 1e12)
+        keys.append("mfu_real_tokens")
+    mean = {side: {key: statistics.fmean(run[key] for run in side_runs) for key in keys}
+            for side, side_runs in runs.items()}
+    print(f"{'mean over seeds':<26} {'HF recipe':>12} {'bert-ft':>12} {'ratio':>8}")
     for key in keys:
-        recipe, ours = results["recipe"][key], results["bert-ft"][key]
+        recipe, ours = mean["recipe"][key], mean["bert-ft"][key]
         ratio = ours / recipe if recipe else float("nan")
         print(f"{key:<26} {recipe:>12.4f} {ours:>12.4f} {ratio:>8.2f}")
-    print(f"score difference (bert-ft - recipe): {100 * (results['bert-ft']['score'] - results['recipe']['score']):+.2f} points")
+    differences = [100 * (ours["score"] - recipe["score"]) for ours, recipe in zip(runs["bert-ft"], runs["recipe"])]
+    for seed, ours, recipe, difference in zip(args.seeds, runs["bert-ft"], runs["recipe"], differences):
+        print(f"seed {seed}: score {recipe['score']:.4f} recipe, {ours['score']:.4f} bert-ft ({difference:+.2f} "
+              f"points); train {ours['train_samples_per_second'] / recipe['train_samples_per_second']:.2f}x, "
+              f"eval {ours['eval_samples_per_second'] / recipe['eval_samples_per_second']:.2f}x")
+    spread = f" +- {statistics.stdev(differences) / len(differences) ** 0.5:.2f} (standard error)" \
+        if len(differences) > 1 else ""
+    print(f"score difference (bert-ft - recipe): {statistics.fmean(differences):+.2f} points{spread}")
 
 
 if __name__ == "__main__":

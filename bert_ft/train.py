@@ -292,7 +292,7 @@ def run(task: Task, config: TrainConfig, options: Any, task_name: str) -> dict:
     groups = parameter_groups(model, config.learning_rate, config.head_learning_rate, config.layer_lr_decay,
                               config.weight_decay)
     log(format_groups(groups))
-    optimizer = build_optimizer(groups, config.weight_decay, fused=accelerator.device.type == "cuda")
+    optimizer = build_optimizer(groups, config.weight_decay)
 
     pad_multiple = 8 if accelerator.device.type == "cuda" else None
     collator = PaddingCollator(task.pad_values(tokenizer), pad_multiple)
@@ -446,6 +446,9 @@ def run(task: Task, config: TrainConfig, options: Any, task_name: str) -> dict:
             break
     accelerator.wait_for_everyone()
 
+    # Training is over (the checkpoints hold the optimiser): free AdamW's two moment buffers, as large as the model,
+    # before a second copy of the weights is loaded, so the end of the run stays under the training peak.
+    optimizer.state.clear()
     # Score the best checkpoint (the saved one) on validation and test.
     best, _, _ = load_model(model_dir)
     network.load_state_dict(best.state_dict())

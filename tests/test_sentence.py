@@ -354,3 +354,43 @@ def _fine_tune_twice(tmp_path, train: str, dev: str, dev_labels: list[str], majo
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     print(f"SST-2 integration: {wall:.0f} s wall, {cpu:.0f} CPU s (load average {os.getloadavg()[0]:.1f})")
     return wall, cpu
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_first_token_top_layer_equals_the_full_forward(tiny_model_dir, attention):
+    """The [CLS]-only top layer gives the stock logits and gradients (padding included) and saves a stock folder."""
+    from transformers import AutoModelForSequenceClassification
+
+    from bert_ft.heads import SequenceClassifier
+
+    head = SequenceClassifier.create(tiny_model_dir, ["neg", "pos", "neutral"])
+    reference = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=3, attn_implementation=attention)
+    reference.load_state_dict(head.model.state_dict())
+    head.model.config._attn_implementation = attention
+    assert head.first_token_only
+    assert "forward" in head.model.base_model.encoder.layer[-1].__dict__
+    head.eval(), reference.eval()
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(5, 1000, (4, 11), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:], attention_mask[3, 2:] = 0, 0
+    labels = torch.tensor([0, 1, 2, 1])
+    ours = head(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    theirs = reference(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    torch.testing.assert_close(ours["logits"], theirs.logits, atol=1e-6, rtol=1e-5)
+    ours["loss"].backward(), theirs.loss.backward()
+    reference_grads = dict(reference.named_parameters())
+    for name, parameter in head.model.named_parameters():
+        torch.testing.assert_close(parameter.grad, reference_grads[name].grad, atol=1e-6, rtol=1e-4)
+    assert set(head.model.state_dict()) == set(reference.state_dict())  # the saved folder is a stock one
+
+
+def test_first_token_path_stays_off_for_an_unknown_layer_layout(tiny_model_dir):
+    from bert_ft.heads import read_first_token_only
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    del model.base_model.encoder.layer[-1].intermediate  # not the BERT layout any more
+    assert read_first_token_only(model) is False
+    assert "forward" not in model.base_model.encoder.layer[-1].__dict__
