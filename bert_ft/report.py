@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+
+# Families tried after DejaVu Sans (matplotlib >= 3.6 falls back glyph by glyph): the common CJK fonts of Linux,
+# macOS and Windows, so Chinese/Japanese/Korean class names draw where one of them is installed.
+FALLBACK_FAMILIES = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK KR", "Source Han Sans SC",
+                     "WenQuanYi Micro Hei", "WenQuanYi Zen Hei", "Droid Sans Fallback", "AR PL UMing CN",
+                     "PingFang SC", "Hiragino Sans GB", "Microsoft YaHei", "SimHei", "Malgun Gothic")
 
 
 def _save(figure, path: str) -> None:
@@ -16,6 +23,46 @@ def _save(figure, path: str) -> None:
     finally:
         if os.path.exists(temp_path):
             os.remove(temp_path)
+
+
+def _coverage(names: list[str]) -> tuple[list[str], list[bool]]:
+    """The font families to use, and for each name whether they cover all its characters."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    installed = {entry.name: entry.fname for entry in font_manager.fontManager.ttflist}
+    families = ["DejaVu Sans"] + [family for family in FALLBACK_FAMILIES if family in installed]
+    covered: set[int] = set()
+    for family in families:
+        if family in installed:
+            try:
+                covered.update(FT2Font(installed[family]).get_charmap())
+            except (OSError, RuntimeError):  # an unreadable font file: it draws nothing
+                continue
+    return families, [all(ord(char) in covered or char.isspace() for char in name) for name in names]
+
+
+def tick_labels(names: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(font families to use, labels to draw, names no installed font can draw).
+
+    A label with a character that no available font covers would be drawn as boxes; those labels are drawn as
+    their class number instead ("#3"), and the caller says so, so that no picture silently shows unreadable names.
+    """
+    from matplotlib import font_manager
+
+    families, drawable = _coverage(names)
+    if not all(drawable):
+        # matplotlib caches its font list once: a font installed since then is unknown to it until added.
+        known = {entry.fname for entry in font_manager.fontManager.ttflist}
+        for path in font_manager.findSystemFonts():
+            if path not in known:
+                try:
+                    font_manager.fontManager.addfont(path)
+                except (OSError, RuntimeError, ValueError):  # unreadable font file: skip it
+                    continue
+        families, drawable = _coverage(names)
+    labels = [name if ok else f"#{index}" for index, (name, ok) in enumerate(zip(names, drawable))]
+    return families, labels, [name for name, ok in zip(names, drawable) if not ok]
 
 
 def write_plots(output_dir: str, history: list[dict], metric: str,
@@ -42,11 +89,16 @@ def write_plots(output_dir: str, history: list[dict], metric: str,
     if confusion is None:
         return
     names, matrix = confusion
+    families, labels, undrawable = tick_labels(names)
+    if undrawable:
+        print(f"confusion_matrix.png: no installed font draws {undrawable[:5]}; those classes are shown by "
+              "number (#N = N-th class in report.txt). Install a CJK font (e.g. `apt-get install "
+              "fonts-noto-cjk`) to see their names.", file=sys.stderr)
     size = max(4.0, 0.45 * len(names) + 2)
     figure, axis = plt.subplots(figsize=(size, size))
     axis.imshow(matrix, cmap="Blues")
-    axis.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
-    axis.set_yticks(range(len(names)), names, fontsize=8)
+    axis.set_xticks(range(len(names)), labels, rotation=60, ha="right", fontsize=8, fontfamily=families)
+    axis.set_yticks(range(len(names)), labels, fontsize=8, fontfamily=families)
     axis.set_xlabel("predicted")
     axis.set_ylabel("gold")
     peak = max((max(row) for row in matrix if row), default=0)
