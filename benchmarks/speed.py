@@ -89,10 +89,11 @@ def run_recipe(args) -> dict:
     from datasets import Dataset
     from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
                               DataCollatorForTokenClassification, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+                              TrainingArguments, set_seed)
 
     from bert_ft.encoder import resolve_model_path
 
+    set_seed(args.seed)  # as run_ner.py / run_glue.py do before building the model: a seeded head
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if args.task == "ner":

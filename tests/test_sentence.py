@@ -305,6 +305,30 @@ def test_train_and_predict_commands_on_a_tiny_model(tiny_model_dir, tmp_path, ca
     assert all(set(r["probabilities"]) == {"正面", "负面"} and r["label"] in ("正面", "负面") for r in results)
 
 
+def test_report_to_tensorboard_logs_loss_and_validation_metric(tiny_model_dir, tmp_path):
+    """--report_to tensorboard goes through Accelerate's tracker: an event file with the logged scalars."""
+    pytest.importorskip("tensorboard", reason="tensorboard is the optional extra bert-ft[tensorboard]")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bert_ft.cli import main
+    from tasks import TASKS
+
+    rows = [{"sentence": text, "label": label} for text, label in [("great fun", "pos"), ("dull", "neg")] * 8]
+    data = write(tmp_path, "data.jsonl", "\n".join(json.dumps(row) for row in rows) + "\n")
+    run_dir = tmp_path / "run"
+    assert main(TASKS, ["sentence", "--model_name_or_path", tiny_model_dir, "--train_file", data,
+                        "--validation_file", data, "--output_dir", str(run_dir), "--num_train_epochs", "2",
+                        "--per_device_train_batch_size", "4", "--logging_steps", "2",
+                        "--report_to", "tensorboard"]) == 0
+    event_files = list(run_dir.rglob("events.out.tfevents.*"))
+    assert event_files, sorted(str(path) for path in run_dir.rglob("*"))
+    events = EventAccumulator(str(event_files[0].parent))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train_loss", "lr", "eval_accuracy"} <= set(scalars), scalars
+    assert [event.step for event in events.Scalars("eval_accuracy")] == [4, 8]  # after each epoch's 4 steps
+
+
 # ------------------------------------------------------------------------------------------------ integration
 
 TRAIN_SAMPLES = 400  # first rows of SST-2 train.tsv; 2 epochs, with and without FGM, fit 3 minutes on 2 cores
