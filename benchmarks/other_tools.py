@@ -22,7 +22,7 @@ steps then linear decay, max 128 sub-words per model input, seed 42, fp32 on CPU
 conlleval-like mode) over every word of the test slice.
 
 Each tool runs in its own subprocess (peak RSS is its own: ru_maxrss of that child). Printed per tool:
-train samples/s = N / wall seconds of the training call only (Flair `ModelTrainer.fine_tune`, bert4torch
+train samples/s = N x epochs / wall seconds of the training call only (Flair `ModelTrainer.fine_tune`, bert4torch
 `model.fit`), eval samples/s = M / wall seconds of prediction on the test slice, peak RSS MB, test entity F1, and
 the library versions.
 
@@ -437,7 +437,8 @@ def child(args) -> None:
     result = (run_flair if args.tool == "flair" else run_bert4torch)(args, train, test)
     result.setdefault("peak_rss_mb", peak_rss_mb())
     result.update({"train_samples": len(train), "eval_samples": len(test),
-                   "train_samples_per_second": len(train) / result["train_seconds"],
+                   # samples seen per second, as speed.py and bert-ft count it: every epoch's samples
+                   "train_samples_per_second": len(train) * args.num_train_epochs / result["train_seconds"],
                    "eval_samples_per_second": len(test) / result["eval_seconds"],
                    "iob1_to_iob2_changed_tags": changed,
                    "torch_threads": torch.get_num_threads(), "versions": versions()})

@@ -44,6 +44,8 @@ class TrainConfig:
     num_train_epochs: int = flag(3, "training epochs")
     per_device_train_batch_size: int = flag(16, "training batch size per process")
     per_device_eval_batch_size: int = flag(128, "evaluation batch size per process")
+    mega_batch_factor: int = flag(50, "length grouping: sort by length inside shuffled groups of N batches (1 = "
+                                  "random batches: slower, can score higher)")
     learning_rate: float = flag(1e-4, "peak learning rate of the top encoder layer (1e-4 suits small encoders)")
     head_learning_rate: float | None = flag(1e-3, "learning rate of the new head layers (none: --learning_rate)")
     layer_lr_decay: float = flag(1.0, "layer-wise lr decay: each lower layer gets this factor more (1.0 = off)")
@@ -83,7 +85,8 @@ class TrainConfig:
             found.append(f"--{name}: {why}")
 
         for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "save_total_limit", "logging_steps", "adv_steps"):
+                     "gradient_accumulation_steps", "save_total_limit", "logging_steps", "adv_steps",
+                     "mega_batch_factor"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("max_train_samples", "max_eval_samples", "save_steps", "early_stopping_patience"):

@@ -66,7 +66,7 @@ def _first_token_forward(layer: nn.Module, hidden_states: torch.Tensor, attentio
         from transformers.models.bert.modeling_bert import eager_attention_forward as interface
     context, _ = interface(attention, query, key, value, attention_mask,
                            dropout=attention.dropout.p if attention.training else 0.0, scaling=attention.scaling,
-                           **{name: value for name, value in kwargs.items() if name == "position_ids"})
+                           **{name: item for name, item in kwargs.items() if name == "position_ids"})
     context = context.reshape(batch_size, 1, -1)  # (batch, 1, hidden)
     attended = layer.attention.output(context, first)
     return layer.output(layer.intermediate(attended), attended)
@@ -85,9 +85,10 @@ def read_first_token_only(model: nn.Module) -> bool:
     layers = getattr(encoder, "layer", None)
     top = layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
     needed = ("attention", "intermediate", "output")
-    if (ALL_ATTENTION_FUNCTIONS is None or top is None or not all(hasattr(top, name) for name in needed) or getattr(top, "add_cross_attention", False)
+    if (ALL_ATTENTION_FUNCTIONS is None or top is None or model.config.is_decoder
+            or not all(hasattr(top, name) for name in needed) or getattr(top, "add_cross_attention", False)
             or not all(hasattr(top.attention, name) for name in ("self", "output"))
-            or not hasattr(top.attention.self, "query") or model.config.is_decoder):
+            or not hasattr(top.attention.self, "query")):
         return False
     was_training = model.training
     model.eval()

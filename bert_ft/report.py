@@ -92,8 +92,8 @@ def write_plots(output_dir: str, history: list[dict], metric: str,
     families, labels, undrawable = tick_labels(names)
     if undrawable:
         print(f"confusion_matrix.png: no installed font draws {undrawable[:5]}; those classes are shown by "
-              "number (#N = N-th class in report.txt). Install a CJK font (e.g. `apt-get install "
-              "fonts-noto-cjk`) to see their names.", file=sys.stderr)
+              "number (#N: class N, counted from 0, of the confusion matrix in report.txt). Install a CJK font "
+              "(e.g. `apt-get install fonts-noto-cjk`) to see their names.", file=sys.stderr)
     size = max(4.0, 0.45 * len(names) + 2)
     figure, axis = plt.subplots(figsize=(size, size))
     axis.imshow(matrix, cmap="Blues")

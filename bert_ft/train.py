@@ -131,9 +131,10 @@ def check_labels(task: Task, splits: Splits, labels: list[str]) -> None:
                                 "fix the label spelling, or add training examples with that label")
 
 
-def _loader(features: list[dict], collator: PaddingCollator, batch_size: int, seed: int, shuffle: bool) -> DataLoader:
+def _loader(features: list[dict], collator: PaddingCollator, batch_size: int, seed: int, shuffle: bool,
+            mega_batch_factor: int = 50) -> DataLoader:
     sampler = LengthGroupedSampler([len(feature["input_ids"]) for feature in features], batch_size, seed,
-                                   shuffle=shuffle)
+                                   mega_batch_factor=mega_batch_factor, shuffle=shuffle)
     # Its own generator: creating an iterator must not consume the global RNG, or a resumed run's dropout
     # masks would drift from an uninterrupted run's.
     return DataLoader(features, batch_sampler=sampler, collate_fn=collator, generator=torch.Generator().manual_seed(seed))
@@ -296,7 +297,8 @@ def run(task: Task, config: TrainConfig, options: Any, task_name: str) -> dict:
 
     pad_multiple = 8 if accelerator.device.type == "cuda" else None
     collator = PaddingCollator(task.pad_values(tokenizer), pad_multiple)
-    train_loader = _loader(encoded["train"], collator, config.per_device_train_batch_size, config.seed, True)
+    train_loader = _loader(encoded["train"], collator, config.per_device_train_batch_size, config.seed, True,
+                           config.mega_batch_factor)
     eval_loaders = {split: _loader(features, collator, config.per_device_eval_batch_size, config.seed, False)
                     for split, features in encoded.items() if split != "train"}
     train_sampler = train_loader.batch_sampler

@@ -88,6 +88,18 @@ def test_length_grouped_sampler_invariants():
     assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) <= 30 for b in first)
 
 
+def test_mega_batch_factor_one_gives_random_batches():
+    """--mega_batch_factor 1: no length grouping, batches as a random sampler makes them (and still seeded)."""
+    rng = random.Random(2)
+    lengths = [rng.randint(3, 120) for _ in range(640)]
+    batches = list(LengthGroupedSampler(lengths, batch_size=32, seed=5, mega_batch_factor=1))
+    assert sorted(index for batch in batches for index in batch) == list(range(640))
+    real, padded = padding_stats(lengths, batches)
+    grouped_real, grouped_padded = padding_stats(lengths, list(LengthGroupedSampler(lengths, 32, seed=5)))
+    assert 1 - real / padded > 0.3 > 1 - grouped_real / grouped_padded  # random-batch padding vs grouped
+    assert batches == list(LengthGroupedSampler(lengths, batch_size=32, seed=5, mega_batch_factor=1))
+
+
 def test_eval_sampler_is_sorted_and_complete():
     lengths = [5, 50, 7, 30, 1]
     batches = list(LengthGroupedSampler(lengths, 2, seed=0, shuffle=False))

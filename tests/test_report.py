@@ -23,11 +23,12 @@ def test_names_without_a_font_become_class_numbers(monkeypatch) -> None:
 
 
 def test_write_plots_with_cjk_classes_draws_no_missing_glyph(tmp_path, capsys) -> None:
-    history = [{"epoch": 1, "train_loss": 0.9, "eval_accuracy": 0.6}, {"epoch": 2, "train_loss": 0.5,
-                                                                        "eval_accuracy": 0.7}]
+    history = [{"epoch": 1, "train_loss": 0.9, "eval_accuracy": 0.6},
+               {"epoch": 2, "train_loss": 0.5, "eval_accuracy": 0.7}]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        write_plots(str(tmp_path), history, "accuracy", (["负面", "正面", "neutral"], [[3, 1, 0], [0, 4, 1], [1, 0, 2]]))
+        confusion = (["负面", "正面", "neutral"], [[3, 1, 0], [0, 4, 1], [1, 0, 2]])
+        write_plots(str(tmp_path), history, "accuracy", confusion)
     assert not [w for w in caught if "missing from font" in str(w.message)], [str(w.message) for w in caught]
     for name in ("training_curves.png", "confusion_matrix.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE
