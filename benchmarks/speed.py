@@ -187,13 +187,8 @@ PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "
                     "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 125.0, "A10": 125.0, "RTX 4090": 165.2}
 
 
-def flops_per_token(model_name_or_path: str, mean_length: float) -> float:
+def flops_per_token(config, mean_length: float) -> float:
     """Training FLOPs per real token: 6 x non-embedding parameters + attention scores (the usual MFU count)."""
-    from transformers import AutoConfig
-
-    from bert_ft.encoder import resolve_model_path
-
-    config = AutoConfig.from_pretrained(resolve_model_path(model_name_or_path))
     hidden, layers, inner = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     per_layer = 4 * hidden * hidden + 2 * hidden * inner  # Q, K, V, output projections + the feed-forward
     return 6 * layers * per_layer + 12 * layers * hidden * mean_length
@@ -261,12 +256,14 @@ def main() -> None:
             "eval_samples_per_second", "score", "train_runtime"]
     peak = peak_tflops(args)
     if peak:
-        real_tokens = {side: [run["real_tokens"] / run["train_samples"] for run in side_runs]
-                       for side, side_runs in runs.items()}
-        for side, side_runs in runs.items():
-            for run, mean_length in zip(side_runs, real_tokens[side]):
-                model_flops = flops_per_token(args.model_name_or_path, mean_length)
-                run["mfu_real_tokens"] = run["train_tokens_per_second"] * model_flops / (peak * 1e12)
+        from transformers import AutoConfig
+
+        from bert_ft.encoder import resolve_model_path
+
+        config = AutoConfig.from_pretrained(resolve_model_path(args.model_name_or_path))
+        for run in (run for side_runs in runs.values() for run in side_runs):
+            model_flops = flops_per_token(config, run["real_tokens"] / run["train_samples"])  # mean real length
+            run["mfu_real_tokens"] = run["train_tokens_per_second"] * model_flops / (peak * 1e12)
         keys.append("mfu_real_tokens")
     mean = {side: {key: statistics.fmean(run[key] for run in side_runs) for key in keys}
             for side, side_runs in runs.items()}

@@ -132,7 +132,7 @@ def check_labels(task: Task, splits: Splits, labels: list[str]) -> None:
 
 
 def _loader(features: list[dict], collator: PaddingCollator, batch_size: int, seed: int, shuffle: bool,
-            mega_batch_factor: int = 50) -> DataLoader:
+            mega_batch_factor: int) -> DataLoader:
     sampler = LengthGroupedSampler([len(feature["input_ids"]) for feature in features], batch_size, seed,
                                    mega_batch_factor=mega_batch_factor, shuffle=shuffle)
     # Its own generator: creating an iterator must not consume the global RNG, or a resumed run's dropout
@@ -299,7 +299,8 @@ def run(task: Task, config: TrainConfig, options: Any, task_name: str) -> dict:
     collator = PaddingCollator(task.pad_values(tokenizer), pad_multiple)
     train_loader = _loader(encoded["train"], collator, config.per_device_train_batch_size, config.seed, True,
                            config.mega_batch_factor)
-    eval_loaders = {split: _loader(features, collator, config.per_device_eval_batch_size, config.seed, False)
+    eval_loaders = {split: _loader(features, collator, config.per_device_eval_batch_size, config.seed, False,
+                                   config.mega_batch_factor)  # unshuffled: one sort by length, the factor unused
                     for split, features in encoded.items() if split != "train"}
     train_sampler = train_loader.batch_sampler
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
