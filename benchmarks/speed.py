@@ -1,16 +1,21 @@
 """bert-ft vs the Hugging Face Trainer recipe (run_ner.py / run_glue.py way), side by side, one command.
 
-    python benchmarks/speed.py ner --max_train_samples 2000 --max_eval_samples 1000
-    python benchmarks/speed.py sentence --max_train_samples 4000 --max_eval_samples 872 --seeds 1 2 3 4 5
-    python benchmarks/speed.py ner --mixed_precision bf16 --max_train_samples 14041   # on a GPU: prints MFU too
+    python benchmarks/speed.py ner --max_train_samples 2000 --max_eval_samples 1000 --seeds 1 2 3
+    python benchmarks/speed.py sentence --max_train_samples 4000 --max_eval_samples 872 --seeds 1 2 3
+    python benchmarks/speed.py ner --precisions bf16 --max_train_samples 14041   # on a GPU: prints MFU too
 
-Both sides get the same model, data slice, batch size, learning rate, warmup, weight decay, epochs and seed, and each
-runs in its own subprocess so that peak memory (RSS; GPU memory on a GPU) is its own. The recipe side is the stock
-one: `Trainer`, `DataCollatorForTokenClassification` / `DataCollatorWithPadding`, random sampler, one learning rate.
-Printed for each: train samples/s, real (non-pad) tokens/s, padding ratio, peak memory, eval samples/s and the test
-score, then the ratios bert-ft / recipe. With several `--seeds` both sides run once per seed and the means are
-compared; the score difference is paired by seed. On a GPU (or with `--peak_tflops`) it also prints model FLOPs
-utilisation on real tokens: train tokens/s x (6 x non-embedding parameters + attention) / peak FLOP/s.
+Sides, each in every precision of `--precisions` (default: fp32 "no" and bf16):
+  recipe   the stock HF recipe: `Trainer`, `DataCollatorForTokenClassification` / `DataCollatorWithPadding`,
+           random sampler, one learning rate (bf16 through TrainingArguments(bf16=True));
+  random   bert-ft with random padded batches (--packing false --mega_batch_factor 1): the recipe's composition;
+  grouped  bert-ft with length-grouped padded batches (--packing false --mega_batch_factor 50);
+  packed   bert-ft's default: random batches packed several examples per row (--packing true).
+All get the same model, data slice, batch size, learning rate, warmup, weight decay, epochs and seed, and each run
+is its own subprocess (one at a time) so that peak memory (RSS; GPU memory on a GPU) is its own. Printed per
+precision: train samples/s, real (non-pad) tokens/s, padding ratio (1 - real tokens / token slots computed), peak
+memory, eval samples/s and the test score, means over `--seeds` and per seed, with ratios against the recipe in
+the same precision, and bert-ft's CPU default (packed, bf16 where native) against the recipe's default (fp32).
+On a GPU (or with `--peak_tflops`) it also prints model FLOPs utilisation on real tokens.
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+BERT_FT_SIDES = {"random": ["--packing", "false", "--mega_batch_factor", "1"],
+                 "grouped": ["--packing", "false", "--mega_batch_factor", "50"],
+                 "packed": ["--packing", "true"]}
+
+
 def run_bert_ft(args) -> dict:
     from bert_ft.cli import main
     from tasks import TASKS
@@ -55,7 +65,7 @@ def run_bert_ft(args) -> dict:
              "--per_device_eval_batch_size", str(args.eval_batch_size), "--learning_rate", str(args.learning_rate),
              "--head_learning_rate", "none", "--warmup_ratio", "0.1", "--weight_decay", "0.01",
              "--max_seq_length", str(args.max_seq_length), "--seed", str(args.seed),
-             "--mixed_precision", args.mixed_precision, "--logging_steps", "1000000"]
+             "--mixed_precision", args.mixed_precision, "--logging_steps", "1000000", *BERT_FT_SIDES[args.side]]
     if main(TASKS, flags) != 0:
         raise SystemExit("bert-ft run failed")
     with open(os.path.join(output_dir, "metrics.json"), encoding="utf-8") as handle:
@@ -205,10 +215,10 @@ def peak_tflops(args) -> float | None:
     return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def run_side(side: str, seed: int) -> dict:
+def run_side(side: str, precision: str, seed: int) -> dict:
     result_file = tempfile.mktemp(suffix=".json")
     command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", side, "--seed", str(seed),
-               "--result_file", result_file]
+               "--mixed_precision", precision, "--result_file", result_file]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(result_file, encoding="utf-8") as handle:
         result = json.load(handle)
@@ -229,29 +239,33 @@ def main() -> None:
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42],
                         help="one run per side and seed; scores are compared per seed (paired) and averaged")
-    parser.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
+    parser.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=("no", "fp16", "bf16"),
+                        help="run every side in each of these precisions (no = fp32)")
+    parser.add_argument("--sides", nargs="+", default=["recipe", "random", "grouped", "packed"],
+                        choices=("recipe", "random", "grouped", "packed"))
     parser.add_argument("--peak_tflops", type=float, help="peak FLOP/s of the device in TFLOPS, for MFU (GPUs "
                         "in PEAK_BF16_TFLOPS are known; on a CPU MFU is printed only with this flag)")
-    parser.add_argument("--side", choices=("both", "bert-ft", "recipe"), default="both", help=argparse.SUPPRESS)
+    parser.add_argument("--side", help=argparse.SUPPRESS)  # a child's one side
+    parser.add_argument("--mixed_precision", help=argparse.SUPPRESS)  # a child's one precision
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # a child's one seed
     parser.add_argument("--result_file", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.side != "both":  # a child process: one side, one seed, result as JSON
+    if args.side is not None:  # a child process: one side, one precision, one seed, result as JSON
         args.seed = args.seed if args.seed is not None else args.seeds[0]
-        result = run_bert_ft(args) if args.side == "bert-ft" else run_recipe(args)
+        result = run_recipe(args) if args.side == "recipe" else run_bert_ft(args)
         with open(args.result_file, "w", encoding="utf-8") as handle:
             json.dump(result, handle)
         return
-    runs = {"recipe": [], "bert-ft": []}
+    runs = {(side, precision): [] for precision in args.precisions for side in args.sides}
     for seed in args.seeds:
-        for side in runs:  # one at a time: each side has the machine to itself
-            runs[side].append(run_side(side, seed))
+        for side, precision in runs:  # one at a time: each run has the machine to itself
+            runs[(side, precision)].append(run_side(side, precision, seed))
     import torch
 
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"{args.task}: {args.max_train_samples} train / {args.max_eval_samples} test examples, "
           f"{args.num_train_epochs} epoch(s), batch {args.batch_size}, eval batch {args.eval_batch_size}, "
-          f"lr {args.learning_rate}, precision {args.mixed_precision}, seeds {args.seeds}, {machine}")
+          f"lr {args.learning_rate}, seeds {args.seeds}, {machine}")
     keys = ["train_samples_per_second", "train_tokens_per_second", "padding_ratio", "peak_memory_mb",
             "eval_samples_per_second", "score", "train_runtime"]
     peak = peak_tflops(args)
@@ -265,21 +279,39 @@ def main() -> None:
             model_flops = flops_per_token(config, run["real_tokens"] / run["train_samples"])  # mean real length
             run["mfu_real_tokens"] = run["train_tokens_per_second"] * model_flops / (peak * 1e12)
         keys.append("mfu_real_tokens")
-    mean = {side: {key: statistics.fmean(run[key] for run in side_runs) for key in keys}
-            for side, side_runs in runs.items()}
-    print(f"{'mean over seeds':<26} {'HF recipe':>12} {'bert-ft':>12} {'ratio':>8}")
-    for key in keys:
-        recipe, ours = mean["recipe"][key], mean["bert-ft"][key]
-        ratio = ours / recipe if recipe else float("nan")
-        print(f"{key:<26} {recipe:>12.4f} {ours:>12.4f} {ratio:>8.2f}")
-    differences = [100 * (ours["score"] - recipe["score"]) for ours, recipe in zip(runs["bert-ft"], runs["recipe"])]
-    for seed, ours, recipe, difference in zip(args.seeds, runs["bert-ft"], runs["recipe"], differences):
-        print(f"seed {seed}: score {recipe['score']:.4f} recipe, {ours['score']:.4f} bert-ft ({difference:+.2f} "
-              f"points); train {ours['train_samples_per_second'] / recipe['train_samples_per_second']:.2f}x, "
-              f"eval {ours['eval_samples_per_second'] / recipe['eval_samples_per_second']:.2f}x")
-    spread = f" +- {statistics.stdev(differences) / len(differences) ** 0.5:.2f} (standard error)" \
-        if len(differences) > 1 else ""
-    print(f"score difference (bert-ft - recipe): {statistics.fmean(differences):+.2f} points{spread}")
+    mean = {name: {key: statistics.fmean(run[key] for run in side_runs) for key in keys}
+            for name, side_runs in runs.items()}
+    for precision in args.precisions:
+        names = [(side, precision) for side in args.sides]
+        print(f"\nprecision {'fp32' if precision == 'no' else precision}, mean over seeds "
+              "(ratio: train and eval samples/s against the recipe in this precision)")
+        print(f"{'':<26}" + "".join(f"{side:>12}" for side, _ in names))
+        for key in keys:
+            print(f"{key:<26}" + "".join(f"{mean[name][key]:>12.4f}" for name in names))
+        if ("recipe", precision) in mean:
+            recipe = mean[("recipe", precision)]
+            for key in ("train_samples_per_second", "eval_samples_per_second"):
+                print(f"{'ratio ' + key[:-len('_samples_per_second')]:<26}"
+                      + "".join(f"{mean[name][key] / recipe[key]:>12.2f}" for name in names))
+            recipe_runs = runs[("recipe", precision)]
+            for side, _ in names[1:] if names[0][0] == "recipe" else names:
+                if side == "recipe":
+                    continue
+                differences = [100 * (ours["score"] - theirs["score"])
+                               for ours, theirs in zip(runs[(side, precision)], recipe_runs)]
+                spread = f" +- {statistics.stdev(differences) / len(differences) ** 0.5:.2f} (standard error)" \
+                    if len(differences) > 1 else ""
+                per_seed = ", ".join(f"{d:+.2f}" for d in differences)
+                ratios = ", ".join(f"{ours['train_samples_per_second'] / theirs['train_samples_per_second']:.2f}x"
+                                   for ours, theirs in zip(runs[(side, precision)], recipe_runs))
+                print(f"  {side} - recipe score: {statistics.fmean(differences):+.2f} points{spread} "
+                      f"(per seed {per_seed}); train ratio per seed {ratios}")
+    if ("recipe", "no") in mean and ("packed", "bf16") in mean:
+        default, recipe = mean[("packed", "bf16")], mean[("recipe", "no")]
+        print(f"\nbert-ft CPU default (packed, bf16) / recipe default (fp32): train "
+              f"{default['train_samples_per_second'] / recipe['train_samples_per_second']:.2f}x, eval "
+              f"{default['eval_samples_per_second'] / recipe['eval_samples_per_second']:.2f}x, score "
+              f"{100 * (default['score'] - recipe['score']):+.2f} points (means)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 from . import predict as _predict_module  # noqa: E402,F401
 from .api import finetune, predict  # noqa: E402
 from .config import TrainConfig  # noqa: E402
-from .heads import load_model  # noqa: E402
+from .heads import Head, load_model  # noqa: E402
+from .task import ClassificationTask, Evaluation, Features, Task  # noqa: E402
 
-__all__ = ["TrainConfig", "finetune", "predict", "load_model", "__version__"]
+__all__ = ["TrainConfig", "finetune", "predict", "load_model", "Task", "ClassificationTask", "Head", "Features",
+           "Evaluation", "__version__"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -40,12 +41,15 @@ class TrainConfig:
     max_train_samples: int | None = flag(None, "use only the first N training examples")
     max_eval_samples: int | None = flag(None, "use only the first N validation and test examples")
     max_seq_length: int = flag(128, "maximum sub-word tokens per model input (longer inputs use windows)")
+    check_data: bool = flag(False, "read and encode the data as training would, print a report, exit without training")
     # --- optimisation ---
     num_train_epochs: int = flag(3, "training epochs")
     per_device_train_batch_size: int = flag(16, "training batch size per process")
     per_device_eval_batch_size: int = flag(128, "evaluation batch size per process")
-    mega_batch_factor: int = flag(50, "length grouping: sort by length inside shuffled groups of N batches (1 = "
-                                  "random batches: slower, can score higher)")
+    packing: bool = flag(True, "pack several examples into each training row (random batches without padding; "
+                         "off: one example per row, padded)")
+    mega_batch_factor: int = flag(1, "with --packing false: sort by length inside shuffled groups of N batches, "
+                                  "less padding but can score lower (1 = random batches)")
     learning_rate: float = flag(1e-4, "peak learning rate of the top encoder layer (1e-4 suits small encoders)")
     head_learning_rate: float | None = flag(1e-3, "learning rate of the new head layers (none: --learning_rate)")
     layer_lr_decay: float = flag(1.0, "layer-wise lr decay: each lower layer gets this factor more (1.0 = off)")
@@ -53,7 +57,8 @@ class TrainConfig:
     warmup_ratio: float = flag(0.1, "fraction of optimisation steps with linear warmup")
     max_grad_norm: float = flag(1.0, "gradient clipping norm (0 = off)")
     gradient_accumulation_steps: int = flag(1, "micro-batches per optimiser step")
-    mixed_precision: str = flag("no", "autocast precision", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = flag("auto", "autocast precision (auto: bf16 where the CPU/GPU computes it natively, "
+                                "else fp32)", choices=("auto", "no", "fp16", "bf16"))
     seed: int = flag(42, "seed for weights of the head, dropout and data order")
     # --- freezing ---
     freeze_encoder: bool = flag(False, "train the head only")
@@ -79,10 +84,14 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         """Every invalid or contradictory flag, as '--flag: why' lines (empty when all is well)."""
-        found = []
+        found = non_finite_flags(self)
+        # A NaN compares False with everything and an inf passes most range checks: once a flag is reported as
+        # non-finite, no other check reports it again.
+        reported = {line.split(":", 1)[0][2:] for line in found}
 
         def bad(name: str, why: str) -> None:
-            found.append(f"--{name}: {why}")
+            if name not in reported:
+                found.append(f"--{name}: {why}")
 
         for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "save_total_limit", "logging_steps", "adv_steps",
@@ -126,7 +135,24 @@ class TrainConfig:
             bad("validation_split", "contradicts --validation_file; give one of them")
         if self.dataset_name and self.train_file:
             bad("dataset_name", "contradicts --train_file; give one of them")
+        if self.mixed_precision == "fp16":
+            import torch
+
+            if not torch.cuda.is_available():
+                bad("mixed_precision fp16", "needs a CUDA GPU (none found); use bf16 (CPUs with AVX-512 BF16 run it "
+                    "natively) or no")
         return found
+
+
+def non_finite_flags(instance: Any) -> list[str]:
+    """'--flag: must be a finite number, got nan' for every float field of a config dataclass holding NaN or inf."""
+    found = []
+    for item in dataclasses.fields(instance):
+        value = getattr(instance, item.name)
+        if (_field_type(type(instance), item) is float and isinstance(value, (int, float))
+                and not math.isfinite(value)):
+            found.append(f"--{item.name}: must be a finite number, got {value}")
+    return found
 
 
 def _field_type(dataclass_type: type, item: dataclasses.Field) -> type:

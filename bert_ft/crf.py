@@ -143,25 +143,76 @@ class CRF(nn.Module):
         if batch_size == 0 or seq_len == 0:
             return torch.zeros(batch_size, seq_len, num_tags, device=emissions.device)
 
-        transitions, start_transitions = self._effective_transitions()
         alphas = self._forward_log_alphas(emissions, mask)  # (batch, seq, num_tags)
-
-        # beta[b, t, i]: log-sum of scores of all continuations after position t given tag i at t.
-        end_scores = self.end_transitions.unsqueeze(0).expand(batch_size, num_tags)  # (batch, num_tags)
-        betas = [end_scores]
-        for position in range(seq_len - 2, -1, -1):
-            following = emissions[:, position + 1] + betas[0]  # (batch, next)
-            # (prev, next) + (batch, 1, next) -> logsumexp over next -> (batch, prev)
-            recursed = torch.logsumexp(transitions + following.unsqueeze(1), dim=2)
-            # If position + 1 is padding, position is the row's last token and
-            # only the end transition follows it.
-            betas.insert(0, torch.where(mask[:, position + 1].unsqueeze(1), recursed, end_scores))
-        beta_stack = torch.stack(betas, dim=1)  # (batch, seq, num_tags)
+        beta_stack = self._backward_log_betas(emissions, mask)  # (batch, seq, num_tags)
 
         log_partition = self._log_partition_from_alphas(alphas, mask)  # (batch,)
         log_posterior = alphas + beta_stack - log_partition.view(-1, 1, 1)  # (batch, seq, num_tags)
         # masked_fill rather than multiply: padded entries must be exactly 0, never inf * 0.
         return log_posterior.exp().masked_fill(~mask.unsqueeze(2), 0.0)
+
+    def span_marginals(self, emissions: torch.Tensor, mask: torch.Tensor, spans: list) -> torch.Tensor:
+        """Posterior probability of each span's tag sequence, with conditions on its neighbours.
+
+        `spans`: (row, start, tags, not_before, not_after) tuples: P(tags[row, start + k] = tags[k] for every k,
+        the tag before `start` (if any) not in `not_before`, and the tag after the span (if any) not in
+        `not_after`). For an IOB2 entity B-X I-X I-X: not_before = () and not_after = (I-X,), i.e. the probability
+        that exactly this entity is in the tagging. Returns (len(spans),) float32.
+        """
+        emissions, mask = self._prepare(emissions, mask)
+        device = emissions.device
+        if not spans:
+            return torch.zeros(0, device=device)
+        transitions, start_transitions = self._effective_transitions()
+        alphas = self._forward_log_alphas(emissions, mask)  # (batch, seq, num_tags)
+        betas = self._backward_log_betas(emissions, mask)  # (batch, seq, num_tags)
+        log_partition = self._log_partition_from_alphas(alphas, mask)  # (batch,)
+        count, longest = len(spans), max(len(span[2]) for span in spans)
+        rows = torch.tensor([span[0] for span in spans], device=device)  # (spans,)
+        starts = torch.tensor([span[1] for span in spans], device=device)  # (spans,)
+        sizes = torch.tensor([len(span[2]) for span in spans], device=device)  # (spans,)
+        paths = torch.zeros(count, longest, dtype=torch.long, device=device)  # (spans, longest)
+        allowed_before = torch.ones(count, self.num_tags, dtype=torch.bool, device=device)
+        allowed_after = torch.ones(count, self.num_tags, dtype=torch.bool, device=device)
+        for index, (_, _, tags, not_before, not_after) in enumerate(spans):
+            paths[index, :len(tags)] = torch.tensor(list(tags), dtype=torch.long)
+            allowed_before[index, list(not_before)] = False
+            allowed_after[index, list(not_after)] = False
+        lengths = mask.sum(dim=1)[rows]  # (spans,)
+        ends = starts + sizes - 1  # (spans,) last position of each span
+        if bool(((starts < 0) | (sizes < 1) | (ends >= lengths)).any()):
+            raise ValueError("every span must lie inside its row's real positions")
+        first_tags = paths[:, 0]
+        emitted = emissions[rows, starts, first_tags]  # (spans,)
+        # Into the first tag: from the start, or from any allowed previous tag (alpha includes its emission).
+        previous = alphas[rows, (starts - 1).clamp(min=0)]  # (spans, num_tags)
+        into = previous + transitions[:, first_tags].t()  # (spans, num_tags): previous tag -> first tag
+        from_before = torch.logsumexp(into.masked_fill(~allowed_before, float("-inf")), dim=1)
+        score = torch.where(starts == 0, start_transitions[first_tags], from_before) + emitted
+        for step in range(1, longest):  # along each span's own path
+            inside = step < sizes
+            positions = (starts + step).clamp(max=emissions.size(1) - 1)
+            moved = transitions[paths[:, step - 1], paths[:, step]] + emissions[rows, positions, paths[:, step]]
+            score = score + torch.where(inside, moved, torch.zeros_like(moved))
+        last_tags = paths.gather(1, (sizes - 1).unsqueeze(1)).squeeze(1)  # (spans,)
+        following = (ends + 1).clamp(max=emissions.size(1) - 1)
+        out = transitions[last_tags] + emissions[rows, following] + betas[rows, following]  # (spans, num_tags)
+        to_after = torch.logsumexp(out.masked_fill(~allowed_after, float("-inf")), dim=1)
+        score = score + torch.where(ends == lengths - 1, self.end_transitions[last_tags], to_after)
+        return (score - log_partition[rows]).exp()
+
+    def scaled(self, temperature: float) -> "CRF":
+        """A copy whose learned potentials (transitions, start and end scores) are divided by `temperature`; the
+        hard constraints stay as they are. With emissions / temperature this is the CRF at that temperature:
+        marginals and span probabilities change, Viterbi's best path does not (a positive scale of every score
+        keeps the order of the allowed paths)."""
+        copy = CRF(self.num_tags).to(self.transitions.device)
+        with torch.no_grad():
+            for name in ("start_transitions", "end_transitions", "transitions"):
+                getattr(copy, name).copy_(getattr(self, name) / temperature)
+            copy.transition_penalty.copy_(self.transition_penalty)
+            copy.start_penalty.copy_(self.start_penalty)
+        return copy
 
     # --------------------------------------------------------------- helpers
 
@@ -216,6 +267,22 @@ class CRF(nn.Module):
             alpha = torch.where(mask[:, position].unsqueeze(1), next_alpha, alpha)
             alphas.append(alpha)
         return torch.stack(alphas, dim=1)
+
+    def _backward_log_betas(self, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """beta[b, t, i]: log-sum of scores of all continuations after position t given tag i at t (the end
+        transition at a row's last token), (batch, seq, num_tags)."""
+        transitions, _ = self._effective_transitions()
+        batch_size, seq_len, num_tags = emissions.shape
+        end_scores = self.end_transitions.unsqueeze(0).expand(batch_size, num_tags)  # (batch, num_tags)
+        betas = [end_scores]
+        for position in range(seq_len - 2, -1, -1):
+            following = emissions[:, position + 1] + betas[0]  # (batch, next)
+            # (prev, next) + (batch, 1, next) -> logsumexp over next -> (batch, prev)
+            recursed = torch.logsumexp(transitions + following.unsqueeze(1), dim=2)
+            # If position + 1 is padding, position is the row's last token and
+            # only the end transition follows it.
+            betas.insert(0, torch.where(mask[:, position + 1].unsqueeze(1), recursed, end_scores))
+        return torch.stack(betas, dim=1)
 
     def _log_partition_from_alphas(self, alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """log Z per row, (batch,); 0 for empty rows."""

@@ -1,4 +1,4 @@
-"""Task-independent data plumbing: safe file reading, length-grouped sampling, padding, word windows."""
+"""Task-independent data plumbing: safe file reading, length-grouped sampling, padding and packing, word windows."""
 
 from __future__ import annotations
 
@@ -22,12 +22,30 @@ def read_text_lines(path: str) -> list[str]:
         raw = handle.read()
     if not raw.strip():
         raise DataError(path, None, "the file is empty", "give a file with at least one example")
+    for bom, encoding in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                          (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if raw.startswith(bom):
+            raise DataError(path, None, f"the file is {encoding} (it starts with the byte-order mark "
+                            f"{bom.hex(' ').upper()}), not UTF-8",
+                            f"convert it to UTF-8, e.g. `iconv -f {encoding} -t UTF-8 in > out`")
+    if b"\x00" in raw:
+        half, even, odd = len(raw) // 2, raw[0::2].count(0), raw[1::2].count(0)
+        if half >= 2 and max(even, odd) > half // 2 and min(even, odd) < half // 8:
+            raise DataError(path, None, "the file looks like UTF-16 without a byte-order mark (a NUL byte in every "
+                            "other position), not UTF-8",
+                            "convert it to UTF-8, e.g. `iconv -f UTF-16LE -t UTF-8 in > out` (or UTF-16BE)")
+        line = raw[:raw.index(b"\x00")].count(b"\n") + 1
+        raise DataError(path, line, f"binary file or NUL byte at line {line}",
+                        "re-save as UTF-8 text (a NUL byte never belongs in a text file)")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
         raise DataError(path, line, f"not valid UTF-8 (byte {raw[error.start]:#04x} at offset {error.start})",
                         "re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out`") from None
+    if not text.strip():
+        raise DataError(path, None, "the file is empty (it holds only whitespace)",
+                        "give a file with at least one example")
     # Split on "\n" only: str.splitlines would also break inside JSON strings at U+2028, U+0085 and friends.
     lines = text.split("\n")
     if lines and lines[-1] == "":
@@ -43,7 +61,17 @@ def read_jsonl_records(path: str, lines: list[str]) -> Iterator[tuple[int, dict]
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
+            if line.startswith("\ufeff"):  # a second byte-order mark: files joined with `cat`
+                raise DataError(path, number, "a byte-order mark (U+FEFF) starts this line, inside the file "
+                                "(files joined with `cat`?)", "remove it, e.g. `sed -i '1!s/^\\xEF\\xBB\\xBF//' "
+                                "FILE`") from None
             raise DataError(path, number, f"not valid JSON ({error.msg})", "one JSON object per line") from None
+        except ValueError:  # an integer longer than Python's digit limit (sys.get_int_max_str_digits)
+            raise DataError(path, number, "a number too long to read (thousands of digits)",
+                            "write such a value as a JSON string, or fix the line") from None
+        except RecursionError:
+            raise DataError(path, number, "JSON nested too deeply to read",
+                            "one flat JSON object per line") from None
         if not isinstance(record, dict):
             raise DataError(path, number, f"expected a JSON object per line, got {type(record).__name__}",
                             "one JSON object per line")
@@ -96,32 +124,143 @@ class LengthGroupedSampler(Sampler[list[int]]):
         return full * math.ceil(mega_size / self.batch_size) + math.ceil(rest / self.batch_size)
 
 
-class PaddingCollator:
-    """Pad each list-valued feature to the batch's longest (rounded up to `pad_to_multiple_of`); stack scalars.
+class FeatureDataset(torch.utils.data.Dataset):
+    """Feature i of a split as (i, its model inputs): the index travels with the batch for evaluation order."""
 
-    `pad_values` gives the pad value per key ("input_ids": the tokenizer's pad id, "labels": -100, ...);
-    keys in `drop_keys` (bookkeeping such as "example_index") are not turned into tensors.
+    def __init__(self, inputs: Sequence[dict]) -> None:
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[int, dict]:
+        return index, self.inputs[index]
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Rows of positions into `lengths` whose lengths sum to at most `capacity` (first-fit decreasing bin packing;
+    an item longer than `capacity` gets a row of its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for position in sorted(range(len(lengths)), key=lambda index: -lengths[index]):
+        length = lengths[position]
+        for row, free in enumerate(room):
+            if length <= free:
+                rows[row].append(position)
+                room[row] -= length
+                break
+        else:
+            rows.append([position])
+            room.append(capacity - length)
+    return rows
+
+
+def _sequence_length(value) -> int:
+    """Tokens of a token-aligned value: a list of ids, or (several sequences per example) the longest inner list."""
+    if value and isinstance(value[0], (list, tuple)):
+        return max(len(inner) for inner in value)
+    return len(value)
+
+
+def _pad_nested(value, width: int, pad: int) -> list:
+    if value and isinstance(value[0], (list, tuple)):
+        return [list(inner) + [pad] * (width - len(inner)) for inner in value]
+    return list(value) + [pad] * (width - len(value))
+
+
+def _ones_like_nested(value) -> list:
+    if value and isinstance(value[0], (list, tuple)):
+        return [[1] * len(inner) for inner in value]
+    return [1] * len(value)
+
+
+class Collator:
+    """Batches under the batch contract of `bert_ft.heads`: the task's token-aligned keys (those in `pad_values`)
+    laid out in rows, per-example keys stacked, and each example's row, offset and length.
+
+    Padded (pack=False): one example per row, padded to the longest (rounded up to `pad_to_multiple_of`), with a
+    0/1 attention mask and no position ids, so the model runs exactly as transformers' stock classes do.
+    Packed (pack=True): the batch's examples are packed first-fit-decreasing into rows of `max(row_capacity,
+    longest example)` tokens, with position ids restarting at 0 per example and an additive block-diagonal mask
+    (rows, 1, seq, seq) of 0 / finfo(float32).min: each token attends only within its own example. The padding at
+    a row's end forms its own block, so no attention row is fully masked (nothing becomes NaN). A float32 mask
+    works for fp32 and under bf16 autocast, for both the eager and the SDPA attention paths.
     """
 
-    def __init__(self, pad_values: dict[str, int], pad_to_multiple_of: int | None = None,
-                 drop_keys: Sequence[str] = ("example_index", "word_ids", "window")) -> None:
-        self.pad_values, self.multiple, self.drop_keys = pad_values, pad_to_multiple_of, set(drop_keys)
+    def __init__(self, pad_values: dict[str, int], pack: bool = False, row_capacity: int = 128,
+                 pad_to_multiple_of: int | None = None) -> None:
+        self.pad_values, self.pack = dict(pad_values), pack
+        self.row_capacity, self.multiple = row_capacity, pad_to_multiple_of
 
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        batch = {}
-        longest = max(len(feature["input_ids"]) for feature in features)
+    def layout(self, lengths: Sequence[int]) -> tuple[list[list[int]], int]:
+        """(rows of positions into `lengths`, row width in tokens) for one batch."""
+        if self.pack:
+            rows = first_fit_decreasing(lengths, max(self.row_capacity, max(lengths)))
+            width = max(sum(lengths[position] for position in row) for row in rows)
+        else:
+            rows, width = [[position] for position in range(len(lengths))], max(lengths)
         if self.multiple:
-            longest = math.ceil(longest / self.multiple) * self.multiple
-        for key, first in features[0].items():
-            if key in self.drop_keys:
-                continue
-            if isinstance(first, (list, tuple)):
-                pad = self.pad_values.get(key, 0)
-                rows = [list(feature[key]) + [pad] * (longest - len(feature[key])) for feature in features]
-                batch[key] = torch.tensor(rows, dtype=torch.long)
-            else:
+            width = math.ceil(width / self.multiple) * self.multiple
+        return rows, width
+
+    def __call__(self, items: list[tuple[int, dict]]) -> dict[str, torch.Tensor]:
+        indices = [index for index, _ in items]
+        features = [feature for _, feature in items]
+        keys = list(features[0])
+        sequence_keys = [key for key in keys if key in self.pad_values]
+        lengths = [_sequence_length(feature["input_ids"]) for feature in features]
+        rows, width = self.layout(lengths)
+        row_of, offset_of = [0] * len(features), [0] * len(features)
+        for row_number, row in enumerate(rows):
+            used = 0
+            for position in row:
+                row_of[position], offset_of[position] = row_number, used
+                used += lengths[position]
+        batch: dict[str, torch.Tensor] = {}
+        if self.pack:
+            for key in sequence_keys:
+                pad = self.pad_values[key]
+                laid = [[pad] * width for _ in rows]
+                for position, feature in enumerate(features):
+                    start = offset_of[position]
+                    laid[row_of[position]][start:start + lengths[position]] = feature[key]
+                batch[key] = torch.tensor(laid, dtype=torch.long)
+            segments = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: a row's trailing padding
+            positions = torch.zeros((len(rows), width), dtype=torch.long)
+            for position in range(len(features)):
+                start, length = offset_of[position], lengths[position]
+                segments[row_of[position], start:start + length] = position
+                positions[row_of[position], start:start + length] = torch.arange(length)
+            same_block = segments[:, :, None] == segments[:, None, :]  # (rows, seq, seq)
+            batch["attention_mask"] = torch.zeros(same_block.shape, dtype=torch.float32).masked_fill_(
+                ~same_block, torch.finfo(torch.float32).min)[:, None]  # (rows, 1, seq, seq)
+            batch["position_ids"] = positions
+        else:
+            for key in sequence_keys:
+                pad = self.pad_values[key]
+                batch[key] = torch.tensor([_pad_nested(feature[key], width, pad) for feature in features],
+                                          dtype=torch.long)
+            batch["attention_mask"] = torch.tensor([_pad_nested(_ones_like_nested(feature["input_ids"]), width, 0)
+                                                    for feature in features], dtype=torch.long)
+        for key in keys:
+            if key not in self.pad_values:
                 batch[key] = torch.tensor([feature[key] for feature in features])
+        batch["example_row"] = torch.tensor(row_of, dtype=torch.long)
+        batch["example_offset"] = torch.tensor(offset_of, dtype=torch.long)
+        batch["example_length"] = torch.tensor(lengths, dtype=torch.long)
+        batch["feature_index"] = torch.tensor(indices, dtype=torch.long)
         return batch
+
+
+def padding_stats(lengths: Sequence[int], batches: Sequence[Sequence[int]], collator: Collator) -> tuple[int, int]:
+    """(real tokens, token slots the model computes) over the given batches of feature indices."""
+    real = slots = 0
+    for batch in batches:
+        batch_lengths = [lengths[index] for index in batch]
+        rows, width = collator.layout(batch_lengths)
+        real += sum(batch_lengths)
+        slots += len(rows) * width
+    return real, slots
 
 
 def word_windows(word_lengths: Sequence[int], budget: int, stride: int) -> list[tuple[int, int]]:
@@ -160,18 +299,6 @@ def best_window_per_word(windows: Sequence[tuple[int, int]], num_words: int) -> 
     return best
 
 
-def padding_stats(lengths: Sequence[int], batches: Sequence[Sequence[int]], multiple: int | None = None) -> tuple[int, int]:
-    """(real tokens, padded tokens) over the given batches of feature indices."""
-    real = padded = 0
-    for batch in batches:
-        longest = max(lengths[index] for index in batch)
-        if multiple:
-            longest = math.ceil(longest / multiple) * multiple
-        real += sum(lengths[index] for index in batch)
-        padded += longest * len(batch)
-    return real, padded
-
-
 def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
     """The special token ids a single-sequence input starts and ends with ([CLS] / [SEP] for BERT)."""
     content = tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -180,3 +307,9 @@ def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
         if full[start:start + len(content)] == content:
             return full[:start], full[start + len(content):]
     raise ValueError(f"cannot locate the special tokens of {type(tokenizer).__name__}")
+
+
+def looks_like_jsonl(lines: Sequence[str]) -> bool:
+    """JSON Lines or not, by the first non-blank line: a JSON object starts with "{" (CoNLL, SemEval, TSV never do)."""
+    first = next((line for line in lines if line.strip()), "")
+    return first.lstrip().startswith("{")

@@ -20,9 +20,10 @@ def flags_table(option_types: dict[str, type]) -> str:
 def all_flags_table(tasks: dict) -> str:
     from .cli import PredictConfig
     from .config import TrainConfig
+    from .export import ExportConfig
 
     return flags_table({"all tasks": TrainConfig, **{name: task.options_type for name, task in tasks.items()},
-                        "predict": PredictConfig})
+                        "predict": PredictConfig, "export": ExportConfig})
 
 
 if __name__ == "__main__":

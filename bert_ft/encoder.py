@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -65,20 +66,41 @@ def load_pretrained(model_class, name_or_path: str, trust_remote_code: bool = Fa
         raise _unreachable(name_or_path, error) from None
 
 
-def base_encoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare encoder (BertModel & co.) inside any bert-ft head."""
-    return model.encoder_model()
+def saved_tensors(folder: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a save_pretrained folder (safetensors, sharded or not; never pickle)."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+        return {key: value for shard in shards for key, value in load_file(os.path.join(folder, shard)).items()}
+    raise UsageError(f"--init_from {folder}: no model.safetensors in it; give RUN/model of a finished bert-ft run")
 
 
-def transfer_encoder(target: torch.nn.Module, source: torch.nn.Module, log=print) -> tuple[list[str], list[str]]:
-    """Copy the encoder weights of `source` (another run's model) into `target`, non-strictly.
+def transfer_encoder(target: torch.nn.Module, folder: str, log=print) -> tuple[list[str], list[str]]:
+    """Copy the encoder weights saved in `folder` (another run's RUN/model) into `target`'s encoder, non-strictly.
 
-    The output layer is not copied (it is replaced by the new task's head). Tensors whose shape differs (e.g. word
+    The folder holds the inner transformers model, with or without its base-model prefix ("bert."); only tensors of
+    the encoder are taken, so the old task's output layer is never copied. Tensors whose shape differs (e.g. word
     embeddings after adding entity-marker tokens) are copied on their overlapping rows and reported.
     Returns (missing, unexpected) keys as reported by `load_state_dict(strict=False)`.
     """
-    target_encoder, source_state = base_encoder(target), base_encoder(source).state_dict()
+    if not os.path.isdir(folder):
+        raise UsageError(f"--init_from {folder}: no such folder (give RUN/model of a finished bert-ft run)")
+    target_encoder = target.encoder_model()
     target_state = target_encoder.state_dict()
+    prefix = getattr(target_encoder, "base_model_prefix", "") + "."
+    source_state, skipped = {}, []
+    for key, value in saved_tensors(folder).items():
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        if name in target_state or name.split(".", 1)[0] in {key.split(".", 1)[0] for key in target_state}:
+            source_state[name] = value
+        else:
+            skipped.append(key)  # the source task's head (classifier, CRF-free layers)
     resized = []
     for key, value in list(source_state.items()):
         if key in target_state and target_state[key].shape != value.shape:
@@ -89,7 +111,8 @@ def transfer_encoder(target: torch.nn.Module, source: torch.nn.Module, log=print
             source_state[key] = merged
             resized.append(f"{key} {tuple(value.shape)} -> {tuple(merged.shape)}")
     result = target_encoder.load_state_dict(source_state, strict=False)
-    log(f"init_from: copied {len(source_state) - len(result.unexpected_keys)} encoder tensors; output layer replaced")
+    log(f"init_from: copied {len(source_state) - len(result.unexpected_keys)} encoder tensors from {folder}; "
+        f"output layer replaced ({len(skipped)} head tensors left out)")
     log(f"  missing keys (kept from --model_name_or_path): {result.missing_keys or 'none'}")
     log(f"  unexpected keys (ignored): {result.unexpected_keys or 'none'}")
     if resized:

@@ -1,25 +1,36 @@
-"""Task heads on the shared encoder, and saving/loading them as `save_pretrained` folders.
+"""The head base class every task's head subclasses, the batch contract heads read, and saving/loading folders.
 
-Every head is an `nn.Module` with the same small surface used by the training loop and `predict`:
-  forward(**batch) -> {"loss": scalar (when labels are given), "logits": ...}
-  predict(**batch) -> {name: tensor with batch first}  (decoded predictions and confidences)
-  encoder_model()  -> the bare encoder (for layer-wise lr groups, freezing and weight transfer)
-  save_pretrained(folder) / HEAD.load(folder, meta)
-Token and sequence heads are the stock transformers `AutoModelFor*` classes inside, so their folders load in
-`transformers.pipeline`; the extra CRF or entity-pair layer is stored next to them in `bert_ft_head.safetensors`.
+The batch contract (built by `bert_ft.data.Collator`): a batch holds the task's token-aligned inputs laid out in
+rows, either one example per row (padded) or several per row (packed), and says where each example sits:
+  input_ids, token_type_ids, ... (rows, seq)     the task's token-aligned keys (see Task.pad_values)
+  attention_mask                (rows, seq)      0/1 when padded; (rows, 1, seq, seq) additive block mask when packed
+  position_ids                  (rows, seq)      packed only: restart at 0 for every example
+  example_row, example_offset, example_length   (examples,) each example's row, first position and length
+  any per-example key (labels, e1_start, ...)   (examples, ...)
+Heads read examples only through example_row/offset/length, so a padded batch is packing with one example per row.
+
+A head is an `nn.Module` with one entry point, called through the (possibly DDP/FSDP-wrapped) model:
+  forward(**batch)               -> {"loss": scalar when labels are given, "logits": scores(batch)}
+  forward(**batch, decode=True)  -> {name: tensor with one row per example} (predictions and confidences)
+Confidences are computed at the head's `temperature` (1.0 until training fits one on the validation set; stored in
+bert_ft.json); a temperature never changes a prediction, only the probabilities.
+Its folder is a `save_pretrained` folder of the inner transformers model (so token and sequence classifiers load
+in `transformers.pipeline`), plus `bert_ft_head.safetensors` for extra layers (CRF, entity-pair layer) and
+`bert_ft.json` naming the task; `load_model` finds the head class through the task registry it is given.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+from transformers import AutoModel
 
 try:  # transformers >= 4.48: attention implementations behind one registry (older ones keep the stock forward)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -27,24 +38,181 @@ except ImportError:  # pragma: no cover - depends on the installed transformers
     ALL_ATTENTION_FUNCTIONS = None
 
 from . import __version__
-from .crf import CRF, iob2_transition_mask
-from .encoder import load_config, load_pretrained
+from .encoder import load_config, load_pretrained, load_tokenizer
 from .errors import UsageError
-from .io import atomic_directory
+from .io import atomic_directory, atomic_write_json
 
 META_FILE = "bert_ft.json"
 HEAD_WEIGHTS = "bert_ft_head.safetensors"
+ENCODER_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
-def _label_maps(labels: list[str]) -> dict:
+def label_maps(labels: list[str]) -> dict:
     return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
             "label2id": {label: index for index, label in enumerate(labels)}}
 
 
-def _encoder_inputs(batch: dict) -> dict:
-    """Only the keys a transformers encoder accepts (the batch also carries task fields)."""
-    return {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in batch}
+def encoder_inputs(batch: dict) -> dict:
+    """Only the keys a transformers encoder accepts (the batch also carries per-example task fields)."""
+    return {key: batch[key] for key in ENCODER_KEYS if key in batch}
 
+
+def is_packed(batch: dict) -> bool:
+    return "position_ids" in batch
+
+
+def example_positions(batch: dict, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) index tensors addressing token `positions` (per example, relative to its first token).
+
+    positions None: each example's first token, (examples,). Else `positions` is (examples,) or (examples, k).
+    """
+    rows, offsets = batch["example_row"], batch["example_offset"]
+    if positions is None:
+        return rows, offsets
+    if positions.dim() == 2:
+        return rows[:, None].expand_as(positions), offsets[:, None] + positions
+    return rows, offsets + positions
+
+
+def example_tokens(tensor: torch.Tensor, batch: dict, fill: float | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's own tokens, left-aligned: (rows, seq, ...) -> (examples, longest, ...) and a (examples,
+    longest) bool mask of real tokens; positions past an example's end hold `fill`. While a graph is being exported
+    `longest` is the row width (a data-dependent size would freeze into the graph); the extra columns hold `fill`."""
+    lengths = batch["example_length"]
+    if torch.compiler.is_exporting():
+        longest = tensor.size(1)
+    else:
+        longest = int(lengths.max().item()) if lengths.numel() else 1
+    steps = torch.arange(max(longest, 1), device=tensor.device)  # (longest,)
+    valid = steps[None, :] < lengths[:, None]  # (examples, longest)
+    rows, columns = example_positions(batch, steps[None, :].expand(lengths.size(0), -1))
+    columns = columns.clamp(max=tensor.size(1) - 1)
+    gathered = tensor[rows, columns]  # (examples, longest, ...)
+    shaped_valid = valid.view(*valid.shape, *([1] * (gathered.dim() - 2)))
+    return torch.where(shaped_valid, gathered, torch.as_tensor(fill, dtype=gathered.dtype, device=gathered.device)), valid
+
+
+class Head(nn.Module):
+    """Base of every task head: a transformers model (`self.model`), the label list, and how to create/save/load.
+
+    Subclasses set `auto_class` (the transformers Auto class whose `from_pretrained` builds `self.model`),
+    optionally `model_kwargs`, list the submodules saved beside the transformers weights in `extra_modules`, and
+    implement `forward(labels=None, decode=False, **batch)` under the batch contract above.
+    """
+
+    auto_class: ClassVar[Any] = AutoModel
+    model_kwargs: ClassVar[dict] = {}
+    extra_modules: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module, labels: list[str], **options: Any) -> None:
+        super().__init__()
+        self.model, self.labels, self.options = model, list(labels), dict(options)
+        self.temperature = 1.0  # confidences = softmax(scores / temperature); fitted at the end of training
+
+    @classmethod
+    def create(cls, model_path: str, labels: list[str], vocab_size: int | None = None,
+               trust_remote_code: bool = False, **options: Any) -> "Head":
+        config = load_config(model_path, trust_remote_code, **label_maps(labels))
+        model = load_pretrained(cls.auto_class, model_path, trust_remote_code, config=config, **cls.model_kwargs)
+        if vocab_size is not None and vocab_size != model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(vocab_size)  # task tokens such as entity markers
+        return cls(model, labels, **options)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def encoder_model(self) -> nn.Module:
+        """The bare encoder (BertModel & co.): lr groups, freezing and --init_from work on it."""
+        return self.model.base_model
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def saved_modules(self) -> tuple[str, ...]:
+        return tuple(name for name in self.extra_modules if getattr(self, name, None) is not None)
+
+    def save_pretrained(self, folder: str) -> None:
+        self.model.save_pretrained(folder)
+        extra = {f"{name}.{key}": value.contiguous() for name in self.saved_modules()
+                 for key, value in getattr(self, name).state_dict().items()}
+        if extra:
+            save_file(extra, os.path.join(folder, HEAD_WEIGHTS))
+
+    @classmethod
+    def load(cls, folder: str, meta: dict) -> "Head":
+        model = load_pretrained(cls.auto_class, folder, **cls.model_kwargs)
+        head = cls(model, meta["labels"], **meta.get("head_options", {}))
+        head.load_extra_modules(folder, meta)
+        return head
+
+    def load_extra_modules(self, folder: str, meta: dict) -> None:
+        """The layers saved beside the transformers weights (CRF, entity-pair layer) and the temperature."""
+        names = self.saved_modules()
+        if names:
+            state = load_file(os.path.join(folder, HEAD_WEIGHTS))
+            for name in names:
+                getattr(self, name).load_state_dict(
+                    {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(name + ".")})
+        self.temperature = float(meta.get("temperature", 1.0))
+
+    def scores(self, batch: dict) -> torch.Tensor:
+        """The raw scores the head decodes (token or class logits): the part an exported graph computes."""
+        raise NotImplementedError
+
+    def decode_scores(self, scores: torch.Tensor, batch: dict, temperature: float | None = None) -> dict:
+        """Predictions from `scores` (one row per example), as forward(decode=True) returns them; confidences at
+        `temperature` (None: the head's own). Predictions never depend on the temperature."""
+        raise NotImplementedError
+
+    def calibration_nll(self, scores: torch.Tensor, batch: dict, temperature: float) -> tuple[torch.Tensor, int]:
+        """(summed negative log-likelihood of the gold `labels` under scores / temperature, number of labels): what
+        temperature fitting minimises. The default suits logits (..., L) with labels (...) (-100 = ignore)."""
+        logits = scores.float().reshape(-1, scores.size(-1)) / temperature
+        labels = batch["labels"].reshape(-1)
+        keep = labels != -100
+        return F.cross_entropy(logits[keep], labels[keep], reduction="sum"), int(keep.sum())
+
+    def prediction_scores(self, scores: torch.Tensor, batch: dict, pred: torch.Tensor) -> torch.Tensor:
+        """(examples,) the raw score `scores` give to the predictions `pred` (decode's "pred"): the export parity
+        check calls a changed prediction a near-tie when this is almost the same for both predictions. The
+        default suits class logits (examples, L) and token logits (rows, seq, L) of padded batches."""
+        scores = scores.float()
+        if scores.dim() == 2:
+            return scores.gather(-1, pred.long().unsqueeze(-1)).squeeze(-1)
+        pred = pred.long()
+        picked = scores[:, :pred.size(1)].gather(-1, pred.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return picked.masked_fill(pred < 0, 0.0).sum(-1)
+
+    def forward(self, labels: torch.Tensor | None = None, decode: bool = False, **batch: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+
+class ClassifierHead(Head):
+    """A head with one label per example: subclasses compute class logits (examples, num_labels) in `scores`; this
+    base decodes them (soft-max at the head's temperature, argmax) and trains them with cross-entropy."""
+
+    def decode_scores(self, scores: torch.Tensor, batch: dict, temperature: float | None = None) -> dict:
+        temperature = self.temperature if temperature is None else temperature
+        probs = (scores.float() / temperature).softmax(-1)  # (examples, num_labels)
+        return {"pred": scores.argmax(-1), "probs": probs}  # the temperature never changes a prediction
+
+    def forward(self, labels: torch.Tensor | None = None, decode: bool = False, **batch: torch.Tensor) -> dict:
+        logits = self.scores(batch)  # (examples, num_labels)
+        if decode:
+            return self.decode_scores(logits, batch)
+        if labels is None:
+            return {"logits": logits}
+        return {"loss": F.cross_entropy(logits.float(), labels), "logits": logits}
+
+
+def has_score_seam(head: nn.Module) -> bool:
+    """Whether a head implements `scores` and `decode_scores` (what calibration and export need; a plugin head
+    with only `forward` still trains, evaluates and predicts)."""
+    return type(head).scores is not Head.scores and type(head).decode_scores is not Head.decode_scores
+
+
+# ----------------------------------------------------------------------------- [CLS]-only top layer (speed)
 
 def _first_token_forward(layer: nn.Module, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):
     """A BERT-style top layer computed for position 0 only: (batch, seq, hidden) -> (batch, 1, hidden).
@@ -72,18 +240,21 @@ def _first_token_forward(layer: nn.Module, hidden_states: torch.Tensor, attentio
     return layer.output(layer.intermediate(attended), attended)
 
 
-def read_first_token_only(model: nn.Module) -> bool:
-    """Let a `*ForSequenceClassification` BERT skip the top layer's work on positions other than [CLS].
+def _top_layer(model: nn.Module) -> nn.Module | None:
+    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
+    return layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
+
+
+def read_first_token_only(model: nn.Module, classify) -> bool:
+    """Let a sequence classifier skip the top layer's work on positions other than [CLS].
 
     A sequence classifier reads only [CLS] from the top layer, so computing the rest is waste: about 14 % of the
-    encoder's FLOPs for a 6-layer model, in training and evaluation alike. Enabled only where this transformers
-    version's layer has the BERT layout and a check on random input gives the same logits as the full forward
-    (padding included); otherwise the model runs unchanged. The weights and the saved folder are untouched: only
-    this instance's forward of the top layer is replaced.
+    encoder's FLOPs for a 6-layer model. Enabled only where this transformers version's layer has the BERT layout
+    and a check on random input gives the same logits (`classify(model, padded batch)`) as the full forward, padding
+    included; otherwise the model runs unchanged. Only this instance's forward of the top layer is replaced, and
+    `full_top_layer` switches it off for packed rows (whose examples do not all start at position 0).
     """
-    encoder = getattr(model.base_model, "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    top = layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
+    top = _top_layer(model)
     needed = ("attention", "intermediate", "output")
     if (ALL_ATTENTION_FUNCTIONS is None or top is None or model.config.is_decoder
             or not all(hasattr(top, name) for name in needed) or getattr(top, "add_cross_attention", False)
@@ -92,16 +263,12 @@ def read_first_token_only(model: nn.Module) -> bool:
         return False
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(0)
-    parameter = next(model.parameters())
-    input_ids = torch.randint(5, min(model.config.vocab_size, 1000), (2, 7), generator=generator)
-    attention_mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])  # one row padded: the mask path is checked too
-    inputs = {"input_ids": input_ids.to(parameter.device), "attention_mask": attention_mask.to(parameter.device)}
+    inputs = check_batch(model)
     try:
         with torch.no_grad():
-            expected = model(**inputs).logits
+            expected = classify(model, inputs)
             top.forward = _first_token_forward.__get__(top)
-            got = model(**inputs).logits
+            got = classify(model, inputs)
         same = got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
     except Exception:  # another layout than this code knows: keep the stock forward
         same = False
@@ -111,245 +278,54 @@ def read_first_token_only(model: nn.Module) -> bool:
     return same
 
 
-class TokenTagger(nn.Module):
-    """Token classification: a linear layer per token (transformers' own), optionally followed by a CRF.
-
-    Only the first sub-word of each word is labelled (`word_starts`); the CRF runs over those positions, compacted
-    to the front of each row, so its transitions are between consecutive words rather than sub-words.
-    """
-
-    head_name = "token_tagger"
-
-    def __init__(self, model: nn.Module, labels: list[str], use_crf: bool) -> None:
-        super().__init__()
-        self.model, self.labels, self.use_crf = model, list(labels), use_crf
-        self.crf = CRF(len(labels)) if use_crf else None
-        if self.crf is not None and all(label == "O" or label[:2] in ("B-", "I-") for label in labels):
-            self.crf.constrain(*iob2_transition_mask(self.labels))
-
-    @classmethod
-    def create(cls, model_path: str, labels: list[str], use_crf: bool = False, trust_remote_code: bool = False,
-               vocab_size: int | None = None) -> "TokenTagger":
-        config = load_config(model_path, trust_remote_code, **_label_maps(labels))
-        model = load_pretrained(AutoModelForTokenClassification, model_path, trust_remote_code, config=config)
-        if vocab_size is not None and vocab_size != model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(vocab_size)
-        return cls(model, labels, use_crf)
-
-    def encoder_model(self) -> nn.Module:
-        return self.model.base_model
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.get_input_embeddings()
-
-    def options(self) -> dict:
-        return {"use_crf": self.use_crf}
-
-    def forward(self, labels: torch.Tensor | None = None, word_starts: torch.Tensor | None = None,
-                **batch: torch.Tensor) -> dict:
-        logits = self.model(**_encoder_inputs(batch)).logits  # (batch, seq, num_labels)
-        if labels is None:
-            return {"logits": logits}
-        if self.crf is None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        else:
-            emissions, word_labels, word_mask, _ = self._compact(logits, word_starts, labels)
-            loss = self.crf(emissions, word_labels.clamp(min=0), word_mask)
-        return {"loss": loss, "logits": logits}
-
-    @staticmethod
-    def _compact(logits: torch.Tensor, word_starts: torch.Tensor, labels: torch.Tensor | None = None):
-        """Move the first-sub-word positions of each row to its front: (batch, seq, L) -> (batch, words, L)."""
-        starts = word_starts.bool()
-        # A stable sort on "is not a start" lists the start positions first, in order.
-        positions = torch.argsort((~starts).to(torch.int8), dim=1, stable=True)
-        num_words = int(starts.sum(dim=1).max().item()) if starts.numel() else 0
-        positions = positions[:, :max(num_words, 1)]  # (batch, words)
-        word_mask = torch.gather(starts, 1, positions)  # (batch, words): a contiguous prefix of True
-        emissions = torch.gather(logits, 1, positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
-        word_labels = torch.gather(labels, 1, positions) if labels is not None else None
-        return emissions.float(), word_labels, word_mask, positions
-
-    @torch.no_grad()
-    def predict(self, word_starts: torch.Tensor, labels: torch.Tensor | None = None, **batch: torch.Tensor) -> dict:
-        """Per token: predicted label id (-1 off word starts) and its probability."""
-        logits = self.model(**_encoder_inputs(batch)).logits.float()  # (batch, seq, num_labels)
-        starts = word_starts.bool()
-        if self.crf is None:
-            scores, predictions = logits.softmax(-1).max(-1)  # (batch, seq) each
-        else:
-            emissions, _, word_mask, positions = self._compact(logits, word_starts)
-            word_predictions, _ = self.crf.decode(emissions, word_mask)  # (batch, words)
-            marginals = self.crf.marginals(emissions, word_mask)  # (batch, words, num_labels)
-            word_scores = marginals.gather(-1, word_predictions.unsqueeze(-1)).squeeze(-1)
-            predictions = torch.zeros_like(starts, dtype=torch.long)
-            scores = torch.zeros_like(starts, dtype=torch.float)
-            predictions.scatter_(1, positions, word_predictions * word_mask)
-            scores.scatter_(1, positions, word_scores * word_mask)
-        return {"pred": torch.where(starts, predictions, -1), "score": torch.where(starts, scores, 0.0)}
-
-    def save_pretrained(self, folder: str) -> None:
-        self.model.save_pretrained(folder)
-        if self.crf is not None:
-            save_file({key: value.contiguous() for key, value in self.crf.state_dict().items()},
-                      os.path.join(folder, HEAD_WEIGHTS))
-
-    @classmethod
-    def load(cls, folder: str, meta: dict) -> "TokenTagger":
-        model = load_pretrained(AutoModelForTokenClassification, folder)
-        tagger = cls(model, meta["labels"], meta["head_options"]["use_crf"])
-        if tagger.crf is not None:
-            tagger.crf.load_state_dict(load_file(os.path.join(folder, HEAD_WEIGHTS)))
-        return tagger
+@contextmanager
+def full_top_layer(model: nn.Module, needed: bool):
+    """Run the stock top layer inside this block (packed rows need every position's output)."""
+    top = _top_layer(model)
+    replaced = top is not None and "forward" in top.__dict__
+    if not (needed and replaced):
+        yield
+        return
+    fast = top.__dict__.pop("forward")
+    try:
+        yield
+    finally:
+        top.forward = fast
 
 
-class SequenceClassifier(nn.Module):
-    """Sentence (or sentence-pair) classification: transformers' own [CLS] pooler + linear head."""
-
-    head_name = "sequence_classifier"
-
-    def __init__(self, model: nn.Module, labels: list[str]) -> None:
-        super().__init__()
-        self.model, self.labels = model, list(labels)
-        self.first_token_only = read_first_token_only(model)
-
-    @classmethod
-    def create(cls, model_path: str, labels: list[str], trust_remote_code: bool = False,
-               vocab_size: int | None = None) -> "SequenceClassifier":
-        config = load_config(model_path, trust_remote_code, **_label_maps(labels))
-        model = load_pretrained(AutoModelForSequenceClassification, model_path, trust_remote_code, config=config)
-        if vocab_size is not None and vocab_size != model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(vocab_size)
-        return cls(model, labels)
-
-    def encoder_model(self) -> nn.Module:
-        return self.model.base_model
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.get_input_embeddings()
-
-    def options(self) -> dict:
-        return {}
-
-    def forward(self, labels: torch.Tensor | None = None, **batch: torch.Tensor) -> dict:
-        logits = self.model(**_encoder_inputs(batch)).logits  # (batch, num_labels)
-        if labels is None:
-            return {"logits": logits}
-        return {"loss": F.cross_entropy(logits.float(), labels), "logits": logits}
-
-    @torch.no_grad()
-    def predict(self, labels: torch.Tensor | None = None, **batch: torch.Tensor) -> dict:
-        probs = self.model(**_encoder_inputs(batch)).logits.float().softmax(-1)  # (batch, num_labels)
-        return {"pred": probs.argmax(-1), "probs": probs}
-
-    def save_pretrained(self, folder: str) -> None:
-        self.model.save_pretrained(folder)
-
-    @classmethod
-    def load(cls, folder: str, meta: dict) -> "SequenceClassifier":
-        return cls(load_pretrained(AutoModelForSequenceClassification, folder), meta["labels"])
+def check_batch(model: nn.Module) -> dict:
+    """Two random rows, one padded, under the batch contract (for start-up equivalence checks)."""
+    generator = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    input_ids = torch.randint(5, min(model.config.vocab_size, 1000), (2, 7), generator=generator)
+    attention_mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "example_row": torch.arange(2, device=device), "example_offset": torch.zeros(2, dtype=torch.long,
+                                                                                         device=device),
+            "example_length": torch.tensor([7, 4], device=device)}
 
 
-POOLINGS = ("entity_start", "entity_mean", "cls")
+# ------------------------------------------------------------------------------------------ saving, loading
 
-
-class EntityPairClassifier(nn.Module):
-    """Relation classification over a marked entity pair.
-
-    pooling "entity_start": hidden states at the two start markers, concatenated ("matching the blanks");
-    "entity_mean": [CLS] + mean of each entity's tokens (R-BERT); "cls": the [CLS] state alone.
-    The batch gives `e1_start`, `e2_start` (marker positions) and `e1_end`, `e2_end` (end-marker positions).
-    """
-
-    head_name = "entity_pair_classifier"
-
-    def __init__(self, encoder: nn.Module, labels: list[str], pooling: str, dropout: float = 0.1) -> None:
-        super().__init__()
-        if pooling not in POOLINGS:
-            raise UsageError(f"--pooling: must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-        self.encoder, self.labels, self.pooling = encoder, list(labels), pooling
-        hidden = encoder.config.hidden_size
-        parts = {"entity_start": 2, "entity_mean": 3, "cls": 1}[pooling]
-        self.norm = nn.LayerNorm(parts * hidden)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(parts * hidden, len(labels))
-        self.config = encoder.config
-
-    @classmethod
-    def create(cls, model_path: str, labels: list[str], pooling: str = "entity_start",
-               trust_remote_code: bool = False, vocab_size: int | None = None) -> "EntityPairClassifier":
-        config = load_config(model_path, trust_remote_code, **_label_maps(labels))
-        encoder = load_pretrained(AutoModel, model_path, trust_remote_code, config=config, add_pooling_layer=False)
-        if vocab_size is not None and vocab_size != encoder.get_input_embeddings().num_embeddings:
-            encoder.resize_token_embeddings(vocab_size)
-        return cls(encoder, labels, pooling)
-
-    def encoder_model(self) -> nn.Module:
-        return self.encoder
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.encoder.get_input_embeddings()
-
-    def options(self) -> dict:
-        return {"pooling": self.pooling}
-
-    def _logits(self, batch: dict) -> torch.Tensor:
-        hidden = self.encoder(**_encoder_inputs(batch)).last_hidden_state  # (batch, seq, hidden)
-        rows = torch.arange(hidden.size(0), device=hidden.device)
-        if self.pooling == "entity_start":
-            pooled = torch.cat([hidden[rows, batch["e1_start"]], hidden[rows, batch["e2_start"]]], dim=-1)
-        elif self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            positions = torch.arange(hidden.size(1), device=hidden.device)  # (seq,)
-            means = [hidden[:, 0]]
-            for start, end in (("e1_start", "e1_end"), ("e2_start", "e2_end")):
-                # Tokens strictly between the start and end markers: (batch, seq) float mask.
-                inside = ((positions > batch[start][:, None]) & (positions < batch[end][:, None])).to(hidden.dtype)
-                means.append((hidden * inside[..., None]).sum(1) / inside.sum(1, keepdim=True).clamp(min=1))
-            pooled = torch.cat(means, dim=-1)
-        return self.classifier(self.dropout(self.norm(pooled)))  # (batch, num_labels)
-
-    def forward(self, labels: torch.Tensor | None = None, **batch: torch.Tensor) -> dict:
-        logits = self._logits(batch)
-        if labels is None:
-            return {"logits": logits}
-        return {"loss": F.cross_entropy(logits.float(), labels), "logits": logits}
-
-    @torch.no_grad()
-    def predict(self, labels: torch.Tensor | None = None, **batch: torch.Tensor) -> dict:
-        probs = self._logits(batch).float().softmax(-1)
-        return {"pred": probs.argmax(-1), "probs": probs}
-
-    def save_pretrained(self, folder: str) -> None:
-        self.encoder.save_pretrained(folder)
-        head = {f"{name}.{key}": value.contiguous() for name in ("norm", "classifier")
-                for key, value in getattr(self, name).state_dict().items()}
-        save_file(head, os.path.join(folder, HEAD_WEIGHTS))
-
-    @classmethod
-    def load(cls, folder: str, meta: dict) -> "EntityPairClassifier":
-        encoder = load_pretrained(AutoModel, folder, add_pooling_layer=False)
-        model = cls(encoder, meta["labels"], meta["head_options"]["pooling"])
-        state = load_file(os.path.join(folder, HEAD_WEIGHTS))
-        for name in ("norm", "classifier"):
-            getattr(model, name).load_state_dict(
-                {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(name + ".")})
-        return model
-
-
-HEADS = {head.head_name: head for head in (TokenTagger, SequenceClassifier, EntityPairClassifier)}
-
-
-def save_model(model: nn.Module, tokenizer: Any, folder: str, task_name: str, extra: dict | None = None) -> None:
+def save_model(model: Head, tokenizer: Any, folder: str, task_name: str, extra: dict | None = None) -> None:
     """Write `folder` atomically: transformers weights/config, tokenizer, extra head weights and bert_ft.json."""
-    meta = {"bert_ft_version": __version__, "task": task_name, "head": model.head_name, "labels": model.labels,
-            "head_options": model.options(), **(extra or {})}
+    meta = {"bert_ft_version": __version__, "task": task_name, "labels": model.labels,
+            "head_options": dict(model.options), **(extra or {})}
+    if getattr(model, "temperature", 1.0) != 1.0:
+        meta["temperature"] = model.temperature
     with atomic_directory(folder) as temp:
         model.save_pretrained(temp)
         tokenizer.save_pretrained(temp)
         with open(os.path.join(temp, META_FILE), "w", encoding="utf-8") as handle:
             json.dump(meta, handle, indent=2, ensure_ascii=False)
+
+
+def write_temperature(folder: str, temperature: float, details: dict) -> None:
+    """Record a fitted temperature (and how it was fitted) in the folder's bert_ft.json, atomically."""
+    meta = read_meta(folder)
+    meta["temperature"] = temperature
+    meta["calibration"] = details
+    atomic_write_json(os.path.join(folder, META_FILE), meta)
 
 
 def read_meta(folder: str) -> dict:
@@ -360,12 +336,26 @@ def read_meta(folder: str) -> dict:
         return json.load(handle)
 
 
-def load_model(folder: str) -> tuple[nn.Module, Any, dict]:
-    """Load any bert-ft model folder: (model in eval mode, tokenizer, meta). The relation model loads only here."""
-    from .encoder import load_tokenizer
-
+def task_of(folder: str, tasks: dict) -> tuple[Any, dict]:
+    """(the task class that trained `folder`, its meta), from the registry `tasks`."""
     meta = read_meta(folder)
-    if meta.get("head") not in HEADS:
-        raise UsageError(f"{folder}/{META_FILE}: unknown head {meta.get('head')!r}")
-    model = HEADS[meta["head"]].load(folder, meta)
+    name = meta.get("task")
+    if name not in tasks:
+        module = meta.get("task_module")
+        hint = f"; it comes from {module}: pass --task_module {module}" if module else ""
+        raise UsageError(f"{folder}: trained for task {name!r}, which is not registered (known: "
+                         f"{', '.join(sorted(tasks))}){hint}")
+    return tasks[name], meta
+
+
+def load_model(folder: str, tasks: dict) -> tuple[Head, Any, dict]:
+    """Load any bert-ft model folder: (model in eval mode, tokenizer, meta); `tasks` is the task registry.
+
+    An export folder (`run_task.py export`) loads as an onnxruntime-backed model with the same interface."""
+    from .export import is_export_folder, load_exported
+
+    if is_export_folder(folder):
+        return load_exported(folder, tasks)
+    task_type, meta = task_of(folder, tasks)
+    model = task_type.head_type.load(folder, meta)
     return model.eval(), load_tokenizer(folder), meta

@@ -1,4 +1,9 @@
-"""Inference outside training: batched, length-sorted, under torch.inference_mode; the `predict` command."""
+"""Prediction on raw inputs with a trained model folder: the `predict` command and the Python API's `predict`.
+
+The outline is the same for every task: the task turns inputs into examples and features, the one inference
+loop (`bert_ft.inference.infer`) runs the model on sorted padded batches, and the task turns the outputs into one
+JSON-ready dict per input.
+"""
 
 from __future__ import annotations
 
@@ -8,40 +13,33 @@ from typing import Any, Iterable
 
 import torch
 
-from .data import LengthGroupedSampler, PaddingCollator, read_jsonl_records
+from .data import Collator, looks_like_jsonl, read_jsonl_records, read_text_lines
 from .errors import DataError
+from .inference import eval_loader, infer
 from .io import atomic_write_lines
 
 
-def run_model(model: torch.nn.Module, features: list[dict], pad_values: dict, batch_size: int) -> list[dict]:
-    """`model.predict` outputs per feature (numpy rows), in feature order."""
-    device = next(model.parameters()).device
-    collator = PaddingCollator(pad_values)
-    sampler = LengthGroupedSampler([len(feature["input_ids"]) for feature in features], batch_size, 0, shuffle=False)
-    rows: list[Any] = [None] * len(features)
-    model.eval()
-    with torch.inference_mode():
-        for indices in sampler:
-            batch = {key: value.to(device) for key, value in collator([features[i] for i in indices]).items()}
-            outputs = {key: value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
-                       for key, value in model.predict(**batch).items()}
-            for row, index in enumerate(indices):
-                rows[index] = {key: value[row] for key, value in outputs.items()}
-    return rows
+def predict_examples(task: Any, model: torch.nn.Module, tokenizer: Any, inputs: list, max_seq_length: int,
+                     batch_size: int) -> list[dict]:
+    """One result per input, in input order (long texts through the task's windows)."""
+    examples = task.input_examples(list(inputs))
+    if not examples:
+        return []
+    features = task.encode(examples, tokenizer, max_seq_length, model.labels)
+    loader = eval_loader(features, Collator(task.pad_values(tokenizer)), batch_size)
+    outputs = infer(model, loader, len(features))
+    return task.results(examples, features, outputs, model.labels)
 
 
-def read_inputs(texts: list[str], input_file: str | None) -> list[str]:
-    """Raw inputs: text arguments, else --input_file (one text per line, or JSONL with "text"), else stdin."""
+def read_inputs(texts: list[str], input_file: str | None) -> list:
+    """Raw inputs: text arguments, else --input_file (one text per line, or JSONL objects), else stdin."""
     if texts:
         return list(texts)
     if input_file:
-        from .data import read_text_lines
-
         lines, source = read_text_lines(input_file), input_file
     else:
         lines, source = sys.stdin.read().splitlines(), "<stdin>"
-    first = next((line for line in lines if line.strip()), "")
-    if first.lstrip().startswith("{"):
+    if looks_like_jsonl(lines):
         inputs = [record for _, record in read_jsonl_records(source, lines)]
     else:
         inputs = [line for line in lines if line.strip()]

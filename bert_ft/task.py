@@ -1,16 +1,61 @@
-"""The Task protocol: what a task plugin in `tasks/` provides to the task-independent core.
+"""The task boundary: the base classes a task plugin subclasses, and the feature/evaluation records it exchanges.
 
-The core reads data, builds features and the head, runs the one training loop and writes the run folder by calling
-these methods only; it never looks at a task's name. A task module exposes a class implementing this protocol and is
-registered in `tasks.TASKS`.
+The core (reading, encoding, the training loop, evaluation, predict, saving) calls only the methods declared on
+`Task`; it never looks at a task's name, its example type or the keys of its features beyond what a task declares
+in `pad_values`. A task lives in its own module (the shipped ones in `tasks/`, others anywhere: see
+`bert_ft.plugins`), owns its head class (`head_type`, a `bert_ft.heads.Head`) and is listed in one registry dict.
+
+What a new task writes: `read` (file -> examples), `labels_of`, `build_labels`, `encode` (examples -> Features),
+`evaluate` (outputs -> Evaluation), `input_examples` + `results` (raw predict inputs -> JSON-ready dicts), and a
+Head subclass. A label-set task (one label per example) subclasses `ClassificationTask`, which already has
+`labels_of`, `build_labels`, the per-example merge, scoring helpers and `write_predictions`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
 
-import torch
+from .errors import UsageError
+from .io import atomic_write_lines
+
+INTEGER = re.compile(r"[+-]?\d+")
+
+
+@dataclass
+class Features:
+    """The encoded form of one split: feature i is `inputs[i]`, belongs to example `example_index[i]`.
+
+    `inputs` holds only what the core collates into a batch: the task's token-aligned keys (those named in
+    `Task.pad_values`, lists of ints, or lists of lists for a task with several sequences per example such as
+    multiple choice) and per-example values (ints or fixed-size lists, stacked). `meta` is the task's own
+    bookkeeping (windows, cut kinds): the core carries it and never reads it. `lengths` is the number of tokens each
+    feature occupies, which the sampler, the packer and the speed statistics use.
+    """
+
+    inputs: Sequence[dict]
+    example_index: list[int]
+    lengths: list[int]
+    meta: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.meta:
+            self.meta = [None] * len(self.inputs)
+        if not len(self.inputs) == len(self.example_index) == len(self.lengths) == len(self.meta):
+            raise ValueError("Features: inputs, example_index, lengths and meta must have one entry per feature")
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def by_example(self, count: int) -> list[list[int]]:
+        """Feature indices of each of `count` examples, in feature order."""
+        groups: list[list[int]] = [[] for _ in range(count)]
+        for feature, example in enumerate(self.example_index):
+            groups[example].append(feature)
+        return groups
 
 
 @dataclass
@@ -21,48 +66,181 @@ class Evaluation:
     report: str  # human-readable tables for report.txt
     predictions: list[Any]  # one per example, in input order (written by `write_predictions`)
     confusion: tuple[list[str], list[list[int]]] | None = None  # (class names, matrix rows=gold) for the plot
+    # (confidence, correct) per prediction, for the expected calibration error; None: the task reports none
+    confidences: list[tuple[float, bool]] | None = None
+    confidence_note: str = ""  # what a confidence and "correct" mean for this task, for the report
 
 
-class Task(Protocol):
-    name: str  # the CLI sub-command, e.g. "ner"
-    description: str  # one line for `run_task.py --help`
-    options_type: type  # dataclass of this task's own flags (fields built with bert_ft.config.flag)
-    metric: str  # key of Evaluation.metrics that picks the best checkpoint (higher is better)
-    predictions_file: str  # e.g. "test_predictions.txt"
+@dataclass
+class NoOptions:
+    """For a task without flags of its own."""
 
-    def __init__(self, options: Any) -> None: ...
 
+class Task:
+    """Base class of every task plugin. Subclasses set the class attributes and implement the methods that raise
+    NotImplementedError; the others have working defaults."""
+
+    name: ClassVar[str]  # the CLI sub-command, e.g. "ner"
+    description: ClassVar[str]  # one line for `run_task.py --help`
+    options_type: ClassVar[type] = NoOptions  # dataclass of this task's own flags (fields built with config.flag)
+    metric: ClassVar[str]  # key of Evaluation.metrics that picks the best checkpoint (higher is better)
+    predictions_file: ClassVar[str]  # e.g. "test_predictions.txt"
+    head_type: ClassVar[type]  # the bert_ft.heads.Head subclass this task trains, saves and loads
+    samples: ClassVar[dict[str, str | None]] = {}  # split -> shipped demo file, used when no data flag is given
+    packable: ClassVar[bool] = True  # features are single token sequences that may share a packed row
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.options_type()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """A checked contract: a concrete task (one that does not set `abstract = True`) must declare every class
+        attribute and implement every method the core calls; the error names what is missing at import time."""
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("abstract", False):
+            return
+        missing = [name for name in REQUIRED_ATTRIBUTES if not hasattr(cls, name)]
+        missing += [f"{name}()" for name in REQUIRED_METHODS if getattr(cls, name) is getattr(Task, name)]
+        if missing:
+            raise TypeError(f"task class {cls.__module__}.{cls.__name__} must define {', '.join(missing)} "
+                            "(see bert_ft.task.Task)")
+
+    # ---------------------------------------------------------------------------------------- flags
+    def problems(self, config: Any) -> list[str]:
+        """Invalid task flags as '--flag: why' lines, judged together with the shared TrainConfig."""
+        return []
+
+    # ---------------------------------------------------------------------------------------- data
     def default_files(self) -> dict[str, str | None]:
-        """{"train": path, "validation": path|None, "test": path|None}: the shipped sample used without flags."""
+        """{"train", "validation", "test"} -> path or None: the shipped samples used when no data flag is given."""
+        return {split: self.samples.get(split) for split in ("train", "validation", "test")}
 
     def read(self, path: str) -> list[Any]:
         """Parse one data file into examples; raise DataError naming file, line, problem and fix."""
+        raise NotImplementedError
 
     def from_hub(self, dataset: Any, split: str) -> list[Any]:
         """Convert a `datasets` split (from --dataset_name) into examples."""
+        raise UsageError(f"--dataset_name: the {self.name} task reads files only; pass --train_file etc.")
+
+    def hub_label_names(self, dataset: Any) -> list[str] | None:
+        """The class names a Hub split declares (a ClassLabel), in id order, or None."""
+        return None
 
     def labels_of(self, example: Any) -> Sequence[str]:
         """The gold label strings of one example (used to build and check the label set)."""
+        raise NotImplementedError
 
-    def build_labels(self, train_examples: list[Any]) -> list[str]:
-        """The ordered label list of the model (index = class id)."""
+    def build_labels(self, train_examples: list[Any], declared: list[str] | None = None) -> list[str]:
+        """The ordered label list of the model (index = class id); `declared` is a Hub dataset's own order."""
+        raise NotImplementedError
 
+    def example_text(self, example: Any) -> str:
+        """The example's input as one string (duplicate and train/test overlap checks)."""
+        return str(getattr(example, "text", example))
+
+    def word_count(self, example: Any) -> int:
+        return len(self.example_text(example).split())
+
+    def data_notes(self, split: str, examples: list[Any], features: Features, tokenizer: Any) -> list[str]:
+        """Task-specific lines for the --check_data report (e.g. tag repairs, words that tokenise to nothing)."""
+        return []
+
+    # ---------------------------------------------------------------------------------------- model
     def prepare_tokenizer(self, tokenizer: Any) -> None:
         """Add task tokens (e.g. entity markers) before the model is built."""
 
-    def build_model(self, model_path: str, labels: list[str], tokenizer: Any, trust_remote_code: bool) -> torch.nn.Module:
-        """A head from bert_ft.heads on the encoder at `model_path`."""
+    def head_options(self) -> dict:
+        """Keyword options of `head_type.create` taken from this task's flags (e.g. {"use_crf": True})."""
+        return {}
 
-    def encode(self, examples: list[Any], tokenizer: Any, max_seq_length: int, labels: list[str]) -> list[dict]:
-        """Model features; each has input ids and "example_index" (several features may share one example)."""
+    def build_model(self, model_path: str, labels: list[str], tokenizer: Any, trust_remote_code: bool):
+        return self.head_type.create(model_path, labels, len(tokenizer), trust_remote_code, **self.head_options())
 
-    def evaluate(self, examples: list[Any], features: list[dict], outputs: list[dict], labels: list[str],
+    def pad_values(self, tokenizer: Any) -> dict[str, int]:
+        """Pad value of every token-aligned input key; the core pads (and packs) exactly these keys."""
+        values = {"input_ids": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0}
+        if "token_type_ids" in tokenizer.model_input_names:
+            values["token_type_ids"] = 0
+        return values
+
+    def encode(self, examples: list[Any], tokenizer: Any, max_seq_length: int, labels: list[str]) -> Features:
+        """Model features for `examples`; several features may share one example (windows)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------- scoring
+    def evaluate(self, examples: list[Any], features: Features, outputs: list[dict], labels: list[str],
                  source: str) -> Evaluation:
         """Score per-feature model outputs (aligned with `features`) against the examples' gold labels."""
+        raise NotImplementedError
 
     def write_predictions(self, path: str, examples: list[Any], predictions: list[Any]) -> None:
         """Write the predictions file atomically, one entry per example in input order."""
+        raise NotImplementedError
 
-    def predict(self, model: torch.nn.Module, tokenizer: Any, inputs: list[str], max_seq_length: int,
-                batch_size: int) -> list[dict]:
-        """Predictions on raw user inputs (one JSON-ready dict per input)."""
+    # ---------------------------------------------------------------------------------------- raw inputs
+    def input_examples(self, inputs: list[Any]) -> list[Any]:
+        """Examples from raw predict inputs (strings or JSON objects); DataError("input", n, ...) when unusable."""
+        raise NotImplementedError
+
+    def results(self, examples: list[Any], features: Features, outputs: list[dict], labels: list[str]) -> list[dict]:
+        """One JSON-ready dict per input example from the per-feature outputs."""
+        raise NotImplementedError
+
+
+class ClassificationTask(Task):
+    """A task with one label per example and one feature per example (relation, sentence, multiple choice)."""
+
+    abstract = True
+    label_attribute: ClassVar[str] = "label"  # the example attribute holding the gold label string
+
+    def labels_of(self, example: Any) -> list[str]:
+        return [getattr(example, self.label_attribute)]
+
+    def build_labels(self, train_examples: list[Any], declared: list[str] | None = None) -> list[str]:
+        seen = {label for example in train_examples for label in self.labels_of(example)}
+        if declared is not None and seen <= set(declared):
+            return list(declared)  # the dataset's own class-id order
+        return self.order_labels(seen)
+
+    def order_labels(self, labels: set[str]) -> list[str]:
+        """Numeric order when every label is an integer ("2" < "10"), else alphabetical."""
+        if labels and all(INTEGER.fullmatch(label) for label in labels):
+            return sorted(labels, key=lambda label: (int(label), label))
+        return sorted(labels)
+
+    @staticmethod
+    def per_example(examples: list[Any], features: Features, outputs: list[dict]) -> list[dict]:
+        """The output of each example's (single) feature, in example order."""
+        by_example: list[dict | None] = [None] * len(examples)
+        for example_index, output in zip(features.example_index, outputs):
+            by_example[example_index] = output
+        return by_example
+
+    def predicted_labels(self, examples, features, outputs, labels) -> list[str]:
+        return [labels[int(output["pred"])] for output in self.per_example(examples, features, outputs)]
+
+    def confidences(self, examples, features, outputs, labels) -> list[tuple[float, bool]]:
+        """(probability of the predicted class, prediction == gold) per example: what calibration is judged on."""
+        return [(float(output["probs"][int(output["pred"])]),
+                 labels[int(output["pred"])] == getattr(example, self.label_attribute))
+                for example, output in zip(examples, self.per_example(examples, features, outputs))]
+
+    CONFIDENCE_NOTE: ClassVar[str] = "the predicted class's probability; correct = the gold class"
+
+    def write_predictions(self, path: str, examples: list[Any], predictions: list[str]) -> None:
+        atomic_write_lines(path, [json.dumps({"id": example.id, "gold": getattr(example, self.label_attribute),
+                                              "pred": prediction}, ensure_ascii=False)
+                                  for example, prediction in zip(examples, predictions)])
+
+    def probabilities(self, output: dict, labels: list[str]) -> dict[str, float]:
+        return {label: round(float(value), 6) for label, value in zip(labels, output["probs"])}
+
+
+def sample_path(module_file: str, name: str) -> str:
+    """A shipped sample next to a task module: samples/NAME."""
+    return os.path.join(os.path.dirname(os.path.abspath(module_file)), "samples", name)
+
+
+REQUIRED_ATTRIBUTES = ("name", "description", "metric", "predictions_file", "head_type")
+REQUIRED_METHODS = ("read", "labels_of", "build_labels", "encode", "evaluate", "write_predictions", "input_examples",
+                    "results")

@@ -1,7 +1,12 @@
 """The one training loop: prepare, accumulate, clip, step; evaluate with gather_for_metrics; best checkpoint.
 
 Nothing here knows which task it trains: the Task plugin reads data, builds features and the head, and scores the
-gathered outputs. See `run` for the order of things.
+gathered outputs. `run` reads top to bottom through named stages:
+  prepare_data   read the splits, build and check labels, tokenizer, encode (also what --check_data runs)
+  build_training the model, lr groups, optimiser, schedule, loaders (packed or padded), Accelerate's prepare
+  train_epoch    one epoch of `train_step`, with logging, step checkpoints and the one NaN/inf exit
+  final_scoring  reload the best model, fit a temperature on validation, score validation and test, write the
+                 run folder
 """
 
 from __future__ import annotations
@@ -26,16 +31,20 @@ from transformers import get_linear_schedule_with_warmup
 
 from .adversarial import build_adversary
 from .config import TrainConfig, to_dict
-from .data import LengthGroupedSampler, PaddingCollator, padding_stats
-from .encoder import load_tokenizer, resolve_model_path, transfer_encoder
+from .data import Collator, FeatureDataset, LengthGroupedSampler, padding_stats
+from .checks import check_label_variety, check_output_dir_path, clamp_max_seq_length
+from .encoder import load_config, load_tokenizer, resolve_model_path, transfer_encoder
 from .errors import DataError, TrainingDiverged, UsageError
-from .heads import load_model, save_model
+from .calibration import calibration_section, expected_calibration_error, fit_temperature
+from .heads import has_score_seam, read_meta, save_model, write_temperature
+from .inference import decode_batches, eval_loader, infer, score_batches
 from .io import atomic_write_json, atomic_write_text
 from .optim import build_optimizer, format_groups, parameter_groups, set_frozen, unfreeze_all
 from .report import write_plots
-from .task import Evaluation, Task
+from .task import Evaluation, Features, Task
 
 RUN_MARKERS = ("metrics.json", "config.json", "model", "report.txt")
+SPLITS = ("train", "validation", "test")
 
 
 @dataclass
@@ -44,6 +53,18 @@ class Splits:
     validation: list | None = None
     test: list | None = None
     sources: dict = field(default_factory=dict)  # split -> file it came from (for the report)
+    declared_labels: list[str] | None = None  # a Hub dataset's own class order
+
+
+@dataclass
+class Data:
+    """Everything `prepare_data` produces: what training and --check_data consume."""
+
+    splits: Splits
+    labels: list[str]
+    tokenizer: Any
+    features: dict[str, Features]  # split -> encoded features (only the splits present)
+    max_seq_length: int
 
 
 @dataclass
@@ -77,6 +98,7 @@ def load_splits(task: Task, config: TrainConfig) -> Splits:
         hub = _load_hub_dataset(config.dataset_name)
         splits.train = task.from_hub(hub["train"], "train")
         splits.sources["train"] = f"{config.dataset_name}[train]"
+        splits.declared_labels = task.hub_label_names(hub["train"])
         for split, names in (("validation", ("validation", "dev")), ("test", ("test",))):
             for name in names:
                 if name in hub:
@@ -131,66 +153,22 @@ def check_labels(task: Task, splits: Splits, labels: list[str]) -> None:
                                 "fix the label spelling, or add training examples with that label")
 
 
-def _loader(features: list[dict], collator: PaddingCollator, batch_size: int, seed: int, shuffle: bool,
-            mega_batch_factor: int) -> DataLoader:
-    sampler = LengthGroupedSampler([len(feature["input_ids"]) for feature in features], batch_size, seed,
-                                   mega_batch_factor=mega_batch_factor, shuffle=shuffle)
-    # Its own generator: creating an iterator must not consume the global RNG, or a resumed run's dropout
-    # masks would drift from an uninterrupted run's.
-    return DataLoader(features, batch_sampler=sampler, collate_fn=collator, generator=torch.Generator().manual_seed(seed))
-
-
-def rng_neutral(loader):
-    """Iterate `loader` without letting iterator creation draw from the global torch RNG.
-
-    A DataLoader draws a base seed from the global RNG when its iterator starts. An uninterrupted run does that at
-    the start of the epoch, a resumed run right after restoring the RNG, which would shift every later dropout mask;
-    restoring the RNG around the first batch makes both runs identical.
-    """
-    state = torch.random.get_rng_state()
-    iterator = iter(loader)
-    first = next(iterator, None)
-    torch.random.set_rng_state(state)
-    if first is None:
-        return
-    yield first
-    yield from iterator
-
-
-def _indexed(features: list[dict]) -> list[dict]:
-    return [{**feature, "feature_index": index} for index, feature in enumerate(features)]
-
-
-# ------------------------------------------------------------------------------------------------ inference
-
-def infer(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader, count: int) -> list[dict]:
-    """Per-feature outputs of `model.predict`, in feature order, each feature exactly once across processes."""
-    network = accelerator.unwrap_model(model)
-    network.eval()
-    rows: list[dict | None] = [None] * count
-    with torch.inference_mode():
-        for batch in loader:
-            indices = batch.pop("feature_index")
-            outputs = network.predict(**batch)
-            indices = accelerator.gather_for_metrics(indices).tolist()
-            gathered = {}
-            for key, value in outputs.items():
-                if value.dim() > 1:  # token-level outputs: ranks may have padded to different lengths
-                    value = accelerator.pad_across_processes(value, dim=1, pad_index=0)
-                gathered[key] = accelerator.gather_for_metrics(value).cpu().numpy()
-            for row, index in enumerate(indices):
-                rows[index] = {key: value[row] for key, value in gathered.items()}
-    missing = [index for index, row in enumerate(rows) if row is None]
-    if missing:
-        raise RuntimeError(f"evaluation lost {len(missing)} features (first: {missing[:5]}); please report this")
-    return rows
-
-
-def evaluate_split(accelerator, model, task: Task, examples, features, loader, labels, source) -> tuple[Evaluation, float]:
-    start = time.perf_counter()
-    outputs = infer(accelerator, model, loader, len(features))
-    seconds = time.perf_counter() - start
-    return task.evaluate(examples, features, outputs, labels, source), seconds
+def prepare_data(task: Task, config: TrainConfig, log=print) -> Data:
+    """Read and check every split, load the tokenizer, encode: everything that can fail on the user's data."""
+    splits = load_splits(task, config)
+    check_label_variety(task, splits.train, splits.sources["train"])
+    labels = task.build_labels(splits.train, splits.declared_labels)
+    check_labels(task, splits, labels)
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    task.prepare_tokenizer(tokenizer)
+    # Above the position table the first long input would crash inside transformers: clamp, as the HF scripts do.
+    max_seq_length = clamp_max_seq_length(config.max_seq_length, tokenizer,
+                                          load_config(config.model_name_or_path, config.trust_remote_code), log)
+    features = {split: task.encode(examples, tokenizer, max_seq_length, labels)
+                for split in SPLITS if (examples := getattr(splits, split))}
+    log("data: " + ", ".join(f"{split} {len(getattr(splits, split))} examples ({splits.sources[split]})"
+                              for split in features))
+    return Data(splits, labels, tokenizer, features, max_seq_length)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -243,12 +221,36 @@ def check_output_dir(config: TrainConfig) -> None:
                          "--resume_from_checkpoint latest to continue it")
 
 
-# ------------------------------------------------------------------------------------------------ the run
+# ------------------------------------------------------------------------------------------------ set-up
 
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def native_bf16() -> bool:
+    """bf16 that the hardware computes natively: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 or AMX.
+
+    (torch's generic bf16 check is also true where bf16 is only emulated, which is slower than fp32.)
+    """
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def resolve_precision(requested: str) -> str:
+    """The precision to run: "auto" becomes bf16 where it is native (see native_bf16), else no (fp32)."""
+    if requested == "auto":
+        return "bf16" if native_bf16() else "no"
+    return requested
+
+
+def precision_name(accelerator: Accelerator) -> str:
+    """What the training step runs in: "fp32", "bf16" or "fp16" (evaluation always runs in fp32)."""
+    return "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -258,12 +260,365 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     if config.torch_compile:
         kwargs["dynamo_backend"] = "inductor"
     # cpu=True when there is no GPU: only then does Accelerate form a multi-process (gloo) group on CPUs.
-    return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
+    return Accelerator(mixed_precision=resolve_precision(config.mixed_precision), cpu=not torch.cuda.is_available(),
                        gradient_accumulation_steps=config.gradient_accumulation_steps, **kwargs)
 
 
-def run(task: Task, config: TrainConfig, options: Any, task_name: str) -> dict:
+def _train_loader(features: Features, collator: Collator, config: TrainConfig, mega_batch_factor: int) -> DataLoader:
+    sampler = LengthGroupedSampler(features.lengths, config.per_device_train_batch_size, config.seed,
+                                   mega_batch_factor=mega_batch_factor)
+    # Its own generator: creating an iterator must not consume the global RNG, or a resumed run's dropout
+    # masks would drift from an uninterrupted run's.
+    return DataLoader(FeatureDataset(features.inputs), batch_sampler=sampler, collate_fn=collator,
+                      generator=torch.Generator().manual_seed(config.seed))
+
+
+def rng_neutral(loader):
+    """Iterate `loader` without letting iterator creation draw from the global torch RNG.
+
+    A DataLoader draws a base seed from the global RNG when its iterator starts. An uninterrupted run does that at
+    the start of the epoch, a resumed run right after restoring the RNG, which would shift every later dropout mask;
+    restoring the RNG around the first batch makes both runs identical.
+    """
+    state = torch.random.get_rng_state()
+    iterator = iter(loader)
+    first = next(iterator, None)
+    torch.random.set_rng_state(state)
+    if first is None:
+        return
+    yield first
+    yield from iterator
+
+
+def packing_is_exact(model: torch.nn.Module, features: Features, pad_values: dict, count: int = 6) -> bool:
+    """Packed rows give the same loss and outputs as padded ones, on the first training features (>= 3 per row).
+
+    Positions restarting at 0 are right for BERT-style encoders but not, e.g., for RoBERTa's offset positions:
+    checking the real model on real features is what makes packing safe by construction.
+    """
+    items = [(index, features.inputs[index]) for index in range(min(count, len(features)))]
+    if len(items) < 2:
+        return True
+    total = sum(features.lengths[index] for index, _ in items)
+    padded = Collator(pad_values)(items)
+    packed = Collator(pad_values, pack=True, row_capacity=max(total // 2 + 1, max(features.lengths[:count])))(items)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            results = []
+            for batch in (padded, packed):
+                batch = {key: value.to(device) for key, value in batch.items() if key != "feature_index"}
+                results.append((model(**batch), model(**batch, decode=True)))
+        (padded_train, padded_decoded), (packed_train, packed_decoded) = results
+        same = all(torch.allclose(padded_decoded[key].float(), packed_decoded[key].float(), atol=1e-4, rtol=1e-3)
+                   for key in padded_decoded if padded_decoded[key].is_floating_point())
+        if "loss" in padded_train:
+            same = same and torch.allclose(padded_train["loss"], packed_train["loss"], atol=1e-4, rtol=1e-3)
+    except Exception:  # an architecture whose forward refuses the packed inputs: pad instead
+        same = False
+    model.train(was_training)
+    return same
+
+
+@dataclass
+class Training:
+    """What `build_training` assembles for the loop."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module  # prepared (possibly wrapped) model: call it
+    network: torch.nn.Module  # the unwrapped head: save it, read its parameters
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    eval_loaders: dict
+    collator: Collator  # the training collator (packed or padded), for the padding statistics
+    sampler: LengthGroupedSampler  # the training batch sampler (its batches give the padding statistics)
+    adversary: Any
+    packing: str  # "on", or why it is off
+
+
+def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Accelerator, log) -> Training:
+    model = task.build_model(resolve_model_path(config.model_name_or_path), data.labels, data.tokenizer,
+                             config.trust_remote_code)
+    if config.init_from:
+        transfer_encoder(model, config.init_from, log)
+    set_frozen(model, config.freeze_encoder, config.freeze_layers)
+    groups = parameter_groups(model, config.learning_rate, config.head_learning_rate, config.layer_lr_decay,
+                              config.weight_decay)
+    log(format_groups(groups))
+    optimizer = build_optimizer(groups, config.weight_decay)
+
+    pad_values = task.pad_values(data.tokenizer)
+    pad_multiple = 8 if accelerator.device.type == "cuda" else None
+    if not config.packing:
+        packing = "off (--packing false)"
+    elif not task.packable:
+        packing = f"off (the {task.name} task's inputs cannot share a row)"
+    elif not packing_is_exact(model, data.features["train"], pad_values):
+        packing = "off (packed rows did not reproduce padded ones for this architecture; padding instead)"
+    else:
+        packing = "on"
+    collator = Collator(pad_values, pack=packing == "on", pad_to_multiple_of=pad_multiple)
+    described = "packed: random batches, several examples per row" if packing == "on" else f"padded; packing {packing}"
+    log(f"batches: {described}; training precision: {precision_name(accelerator)}")
+    # Packed batches are random batches; padded ones are length-grouped unless --mega_batch_factor 1.
+    train_loader = _train_loader(data.features["train"], collator, config,
+                                 1 if packing == "on" else config.mega_batch_factor)
+    eval_collator = Collator(pad_values, pad_to_multiple_of=pad_multiple)
+    eval_loaders = {split: eval_loader(features, eval_collator, config.per_device_eval_batch_size)
+                    for split, features in data.features.items() if split != "train"}
+    steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * config.num_train_epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+
+    sampler = train_loader.batch_sampler
+    model_, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    eval_loaders = {split: accelerator.prepare(loader) for split, loader in eval_loaders.items()}
+    # Autocast only the training step (train_step): Accelerate wraps forward in autocast, which would also put
+    # evaluation in bf16; stripping it keeps evaluation in fp32, so reported scores are what predict and
+    # transformers.pipeline reproduce from the saved folder.
+    network = accelerator.unwrap_model(model_, keep_fp32_wrapper=False)
+    adversary = build_adversary(config.adversarial, network.get_input_embeddings().weight, config.adv_epsilon,
+                                config.adv_steps, config.adv_alpha,
+                                params=[param for param in network.parameters() if param.requires_grad])
+    return Training(accelerator, model_, network, optimizer, scheduler, train_loader, eval_loaders, collator,
+                    sampler, adversary, packing)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+def train_step(accelerator: Accelerator, model: torch.nn.Module, batch: dict, optimizer, scheduler, adversary,
+               max_grad_norm: float) -> torch.Tensor:
+    """One micro-batch: forward, backward (plus the adversarial pass), and on an accumulation boundary clip and
+    step. Returns the detached loss (on the device: reading it would synchronise)."""
+    def forward_loss() -> torch.Tensor:
+        with accelerator.autocast():  # bf16/fp16 where the run uses it; a no-op in fp32
+            return model(**batch)["loss"]
+
+    with accelerator.accumulate(model):
+        if adversary is None:
+            loss = forward_loss()
+            accelerator.backward(loss)
+        else:
+            adversary.before_backward()
+            with accelerator.no_sync(model):  # the clean pass: local grads only, one all-reduce later
+                loss = forward_loss()
+                accelerator.backward(loss)
+            adversary.adversarial_backward(lambda: accelerator.backward(forward_loss()))
+        if accelerator.sync_gradients and max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+class LossMonitor:
+    """Sums the loss on the device (no host sync per step), notes the first non-finite step, and folds the sum
+    into the checkpointed epoch totals only at logging and saving points."""
+
+    def __init__(self, accelerator: Accelerator, state: TrainerState) -> None:
+        self.accelerator, self.state = accelerator, state
+        self.running = torch.zeros((), device=accelerator.device)
+        self.count = 0
+        self.bad_step = torch.tensor(-1, device=accelerator.device)  # first optimiser step with a non-finite loss
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss),
+                                    torch.tensor(step, device=self.bad_step.device), self.bad_step)
+        self.running += loss.float()
+        self.count += 1
+
+    def diverged_at(self) -> int | None:
+        step = int(self.bad_step.item())  # one host sync, at logging/saving points only
+        return step if step >= 0 else None
+
+    def fold(self) -> float:
+        """Move the running sum into the epoch totals; return the interval's mean loss."""
+        total = self.accelerator.reduce(self.running.clone(), reduction="mean").item()
+        self.state.epoch_loss_sum += total
+        self.state.epoch_loss_count += self.count
+        mean = total / max(self.count, 1)
+        self.running.zero_()
+        self.count = 0
+        return mean
+
+
+def stop_diverged(step: int, epoch: int, config: TrainConfig) -> None:
+    """The one NaN/inf exit: name the step and what was kept."""
+    kept = _checkpoints(config.output_dir)
+    model_dir = os.path.join(config.output_dir, "model")
+    raise TrainingDiverged(
+        f"the training loss became NaN/inf at optimiser step {step} (epoch {epoch + 1}); training stopped. "
+        f"Last good checkpoint: {kept[-1] if kept else 'none saved yet'}"
+        f"{'; best model: ' + model_dir if os.path.isdir(model_dir) else ''}.\n"
+        "  fix: lower --learning_rate, use --mixed_precision bf16 instead of fp16, or check the data")
+
+
+def train_epoch(epoch: int, training: Training, state: TrainerState, config: TrainConfig, lengths: list[int]) -> None:
+    """One epoch (or its rest, after a resume): steps, logging, step checkpoints; raises on a NaN/inf loss."""
+    accelerator, model = training.accelerator, training.model
+    model.train()
+    loader = training.train_loader
+    if state.batches_in_epoch:
+        loader = accelerator.skip_first_batches(training.train_loader, state.batches_in_epoch)
+    # Through Accelerate's loader: it re-sets the sampler's epoch from its own counter when iteration starts,
+    # which after a resume (or on a skip loader) would otherwise not be this epoch.
+    loader.set_epoch(epoch)
+    real, slots = padding_stats(lengths, training.sampler.batches(), training.collator)  # same on every process
+    monitor = LossMonitor(accelerator, state)
+    batches = len(training.train_loader)
+    progress = tqdm(total=batches, initial=state.batches_in_epoch, desc=f"epoch {epoch + 1}",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    start = time.perf_counter()
+    for batch in rng_neutral(loader):
+        batch.pop("feature_index")
+        loss = train_step(accelerator, model, batch, training.optimizer, training.scheduler, training.adversary,
+                          config.max_grad_norm)
+        monitor.add(loss, state.global_step + 1)
+        state.batches_in_epoch += 1
+        progress.update(1)
+        if not accelerator.sync_gradients:
+            continue
+        state.global_step += 1
+        logging_point = state.global_step % config.logging_steps == 0 or state.batches_in_epoch == batches
+        saving_point = bool(config.save_steps) and state.global_step % config.save_steps == 0
+        if logging_point or saving_point:
+            if (step := monitor.diverged_at()) is not None:  # never log or save past a NaN
+                progress.close()
+                stop_diverged(step, epoch, config)
+        if logging_point:
+            mean_loss = monitor.fold()
+            lr = training.scheduler.get_last_lr()[-1]
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            accelerator.log({"train_loss": mean_loss, "lr": lr}, step=state.global_step)
+        if saving_point:
+            state.train_seconds += time.perf_counter() - start
+            monitor.fold()
+            save_checkpoint(accelerator, config, state)
+            start = time.perf_counter()
+    progress.close()
+    if (step := monitor.diverged_at()) is not None:
+        stop_diverged(step, epoch, config)
+    state.train_seconds += time.perf_counter() - start
+    state.real_tokens += real
+    state.padded_tokens += slots
+    monitor.fold()
+
+
+def score_splits(task: Task, data: Data, training: Training) -> tuple[dict | None, dict]:
+    """Score validation and test with the best model, fitting a temperature on validation in between.
+
+    The encoder runs once per split (`score_batches`); the stored scores are decoded at the fitted temperature and
+    at 1 (for the uncalibrated ECE). Returns (the fit, or None without validation labels; {split: (evaluation,
+    evaluation with raw confidences, seconds)}). A head without the scores/decode_scores seam is evaluated as
+    during training and not calibrated."""
+    present = [split for split in ("validation", "test") if split in data.features]
+    scored, seconds = {}, {}
+    if has_score_seam(training.network):
+        for split in present:
+            start = time.perf_counter()
+            scored[split] = score_batches(training.model, training.eval_loaders[split], training.accelerator)
+            seconds[split] = time.perf_counter() - start
+    calibration = fit_temperature(training.network, scored["validation"], training.accelerator) \
+        if "validation" in scored else None
+    training.network.temperature = calibration["temperature"] if calibration else 1.0
+    evaluations = {}
+    for split in present:
+        if split in scored:
+            evaluation, raw, decode_seconds = evaluate_scored(training, task, data, split, scored.pop(split))
+            evaluations[split] = (evaluation, raw, seconds[split] + decode_seconds)
+        else:
+            evaluation, split_seconds = evaluate_split(training, task, data, split)
+            evaluations[split] = (evaluation, evaluation, split_seconds)
+    return calibration, evaluations
+
+
+def calibration_results(calibration: dict | None, evaluations: dict) -> tuple[dict, str | None]:
+    """(metrics: {prefix}_ece before, {prefix}_ece_calibrated after, the temperature, predictions it changed (0);
+    the report.txt section), from the evaluations of `score_splits`; nothing for a task without confidences."""
+    metrics, rows, note, changed = {}, [], "", 0
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        if split not in evaluations:
+            continue
+        evaluation, raw, _ = evaluations[split]
+        changed += sum(mine != theirs for mine, theirs in zip(evaluation.predictions, raw.predictions))
+        if raw.confidences is None:
+            continue
+        before = metrics[f"{prefix}_ece"] = expected_calibration_error(raw.confidences)
+        after = None
+        if calibration:
+            after = metrics[f"{prefix}_ece_calibrated"] = expected_calibration_error(evaluation.confidences)
+        rows.append((f"{split} ({len(raw.confidences)} predictions)", before, after))
+        note = evaluation.confidence_note
+    if calibration:
+        metrics.update(calibration_temperature=calibration["temperature"], calibration_changed_predictions=changed)
+    return metrics, calibration_section(calibration, rows, note, changed) if rows else None
+
+
+def evaluate_scored(training: Training, task: Task, data: Data, split: str, scored: list
+                    ) -> tuple[Evaluation, Evaluation, float]:
+    """(evaluation at the head's temperature, evaluation with raw confidences (the same object at temperature 1),
+    seconds spent decoding) from `score_batches`' result for `split`."""
+    features, examples, source = data.features[split], getattr(data.splits, split), data.splits.sources[split]
+
+    def decoded(temperature: float | None) -> list[dict]:
+        return decode_batches(training.network, scored, len(features), training.accelerator, temperature)
+
+    start = time.perf_counter()
+    outputs = decoded(None)
+    seconds = time.perf_counter() - start
+    evaluation = task.evaluate(examples, features, outputs, data.labels, source)
+    raw = evaluation if training.network.temperature == 1.0 else \
+        task.evaluate(examples, features, decoded(1.0), data.labels, source)
+    return evaluation, raw, seconds
+
+
+def evaluate_split(training: Training, task: Task, data: Data, split: str) -> tuple[Evaluation, float]:
+    start = time.perf_counter()
+    features = data.features[split]
+    outputs = infer(training.model, training.eval_loaders[split], len(features), training.accelerator)
+    seconds = time.perf_counter() - start
+    return task.evaluate(getattr(data.splits, split), features, outputs, data.labels,
+                         data.splits.sources[split]), seconds
+
+
+def end_of_epoch(epoch: int, training: Training, task: Task, data: Data, state: TrainerState,
+                 config: TrainConfig, save_best) -> bool:
+    """Validate, keep the best model, checkpoint; returns True when early stopping ends training."""
+    record: dict[str, Any] = {"epoch": epoch + 1,
+                              "train_loss": state.epoch_loss_sum / max(state.epoch_loss_count, 1)}
+    state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
+    improved = True
+    if "validation" in data.features:
+        evaluation, _ = evaluate_split(training, task, data, "validation")
+        score = evaluation.metrics[task.metric]
+        record[f"eval_{task.metric}"] = score
+        improved = state.best_metric is None or score > state.best_metric
+        training.accelerator.print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, validation "
+                                   f"{task.metric} {score:.4f}{' (best so far)' if improved else ''}")
+        training.accelerator.log({f"eval_{task.metric}": score}, step=state.global_step)
+    state.history.append(record)
+    if improved:
+        state.best_metric, state.best_epoch = record.get(f"eval_{task.metric}"), epoch + 1
+        state.epochs_without_improvement = 0
+        save_best()
+    else:
+        state.epochs_without_improvement += 1
+    state.epoch, state.batches_in_epoch = epoch + 1, 0
+    save_checkpoint(training.accelerator, config, state)
+    if config.early_stopping_patience and state.epochs_without_improvement >= config.early_stopping_patience:
+        training.accelerator.print(f"early stopping: no better validation {task.metric} for "
+                                   f"{state.epochs_without_improvement} epochs")
+        return True
+    return False
+
+
+def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict:
     """Train, pick the best epoch on validation, score test, write the run folder; returns metrics.json."""
+    check_output_dir_path(config.output_dir)
     accelerator = make_accelerator(config)
     log = accelerator.print
     if accelerator.num_processes > 1 and config.unfreeze_at_epoch:
@@ -272,51 +627,11 @@ def run(task: Task, config: TrainConfig, options: Any, task_name: str) -> dict:
     check_output_dir(config)
     set_seed(config.seed)
 
-    # Data first: bad input must fail before anything is written.
-    splits = load_splits(task, config)
-    labels = task.build_labels(splits.train)
-    check_labels(task, splits, labels)
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-    task.prepare_tokenizer(tokenizer)
-    encoded = {split: _indexed(task.encode(examples, tokenizer, config.max_seq_length, labels))
-               for split in ("train", "validation", "test") if (examples := getattr(splits, split))}
-    log("data: " + ", ".join(f"{split} {len(getattr(splits, split))} examples ({splits.sources[split]})"
-                              for split in encoded))
-
-    model = task.build_model(resolve_model_path(config.model_name_or_path), labels, tokenizer,
-                             config.trust_remote_code)
-    if config.init_from:
-        source, _, _ = load_model(config.init_from)
-        transfer_encoder(model, source, log)
-        del source
-    set_frozen(model, config.freeze_encoder, config.freeze_layers)
-    groups = parameter_groups(model, config.learning_rate, config.head_learning_rate, config.layer_lr_decay,
-                              config.weight_decay)
-    log(format_groups(groups))
-    optimizer = build_optimizer(groups, config.weight_decay)
-
-    pad_multiple = 8 if accelerator.device.type == "cuda" else None
-    collator = PaddingCollator(task.pad_values(tokenizer), pad_multiple)
-    train_loader = _loader(encoded["train"], collator, config.per_device_train_batch_size, config.seed, True,
-                           config.mega_batch_factor)
-    eval_loaders = {split: _loader(features, collator, config.per_device_eval_batch_size, config.seed, False,
-                                   config.mega_batch_factor)  # unshuffled: one sort by length, the factor unused
-                    for split, features in encoded.items() if split != "train"}
-    train_sampler = train_loader.batch_sampler
-    steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * config.num_train_epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
-
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    eval_loaders = {split: accelerator.prepare(loader) for split, loader in eval_loaders.items()}
-    network = accelerator.unwrap_model(model)
-    adversary = build_adversary(config.adversarial, network.get_input_embeddings().weight, config.adv_epsilon,
-                                config.adv_steps, config.adv_alpha,
-                                params=[param for param in network.parameters() if param.requires_grad])
+    data = prepare_data(task, config, log)  # bad input fails here, before anything is written
+    training = build_training(task, config, data, accelerator, log)
     if config.report_to != "none":
         accelerator.init_trackers("bert_ft", config={key: value for key, value in to_dict(config).items()
                                                      if isinstance(value, (int, float, str, bool))})
-
     state = TrainerState()
     if config.resume_from_checkpoint:
         checkpoint = find_checkpoint(config)
@@ -325,186 +640,108 @@ def run(task: Task, config: TrainConfig, options: Any, task_name: str) -> dict:
             state = TrainerState(**json.load(handle))
         log(f"resumed from {checkpoint}: step {state.global_step}, epoch {state.epoch + 1}, "
             f"batch {state.batches_in_epoch}")
+    precision = precision_name(accelerator)
     if accelerator.is_main_process:
         os.makedirs(config.output_dir, exist_ok=True)
         atomic_write_json(os.path.join(config.output_dir, "config.json"),
-                          {"task": task_name, **to_dict(config), **to_dict(options),
+                          {"task": task.name, **to_dict(config), **to_dict(task.options),
+                           "max_seq_length": data.max_seq_length, "precision": precision,
+                           "packing": training.packing,
                            "resolved_model_path": resolve_model_path(config.model_name_or_path),
-                           "num_processes": accelerator.num_processes, "labels": labels})
+                           "num_processes": accelerator.num_processes, "labels": data.labels})
 
-    lengths = [len(feature["input_ids"]) for feature in encoded["train"]]
     model_dir = os.path.join(config.output_dir, "model")
-    bad_step = torch.tensor(-1, device=accelerator.device)  # first non-finite loss step, checked without syncing
-    stop = False
+    meta = {"max_seq_length": data.max_seq_length, "task_options": to_dict(task.options),
+            "task_module": task_module or type(task).__module__}
+
+    def save_best() -> None:
+        if accelerator.is_main_process:
+            save_model(training.network, data.tokenizer, model_dir, task.name, meta)
+
+    lengths = data.features["train"].lengths
     for epoch in range(state.epoch, config.num_train_epochs):
         if config.unfreeze_at_epoch and epoch + 1 == config.unfreeze_at_epoch:
-            unfreeze_all(network)
+            unfreeze_all(training.network)
             log(f"epoch {epoch + 1}: encoder unfrozen")
-        model.train()
-        epoch_loader = train_loader
-        if state.batches_in_epoch:
-            epoch_loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-        # Through Accelerate's loader: it re-sets the sampler's epoch from its own counter when iteration starts,
-        # which after a resume (or on a skip loader) would otherwise not be this epoch.
-        epoch_loader.set_epoch(epoch)
-        # Padding statistics come from this epoch's batches (the same on every process).
-        real, padded = padding_stats(lengths, train_sampler.batches(), pad_multiple)
-        # Summed on the device and read only at logging/saving points: no host sync per step.
-        running_loss = torch.zeros((), device=accelerator.device)
-        running_count = 0
-
-        def fold_running_loss() -> float:
-            """Move the device-side loss sum into the (checkpointed) epoch totals; return the interval mean."""
-            nonlocal running_count
-            total = accelerator.reduce(running_loss.clone(), reduction="mean").item()
-            state.epoch_loss_sum += total
-            state.epoch_loss_count += running_count
-            mean = total / max(running_count, 1)
-            running_loss.zero_()
-            running_count = 0
-            return mean
-        progress = tqdm(total=len(train_loader), initial=state.batches_in_epoch, desc=f"epoch {epoch + 1}",
-                        disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-        start = time.perf_counter()
-        for batch in rng_neutral(epoch_loader):
-            batch.pop("feature_index")
-            with accelerator.accumulate(model):
-                if adversary is None:
-                    loss = model(**batch)["loss"]
-                    accelerator.backward(loss)
-                else:
-                    adversary.before_backward()
-                    with accelerator.no_sync(model):  # the clean pass: local grads only, one all-reduce later
-                        loss = model(**batch)["loss"]
-                        accelerator.backward(loss)
-                    adversary.adversarial_backward(lambda: accelerator.backward(model(**batch)["loss"]))
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            detached = loss.detach()
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(detached),
-                                   torch.tensor(state.global_step + 1, device=bad_step.device), bad_step)
-            running_loss += detached.float()
-            running_count += 1
-            state.batches_in_epoch += 1
-            progress.update(1)
-            if not accelerator.sync_gradients:
-                continue
-            state.global_step += 1
-            if state.global_step % config.logging_steps == 0 or state.batches_in_epoch == len(train_loader):
-                if bad_step.item() >= 0:  # one host sync per logging interval, not per step
-                    stop = True
-                    break
-                mean_loss = fold_running_loss()
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
-                accelerator.log({"train_loss": mean_loss, "lr": scheduler.get_last_lr()[-1]}, step=state.global_step)
-            if config.save_steps and state.global_step % config.save_steps == 0:
-                if bad_step.item() >= 0:  # never save a checkpoint that already holds NaN weights
-                    stop = True
-                    break
-                state.train_seconds += time.perf_counter() - start
-                fold_running_loss()
-                save_checkpoint(accelerator, config, state)
-                start = time.perf_counter()
-        progress.close()
-        if stop or bad_step.item() >= 0:
-            kept = _checkpoints(config.output_dir)
-            raise TrainingDiverged(
-                f"the training loss became NaN/inf at optimiser step {bad_step.item()} (epoch {epoch + 1}); "
-                f"training stopped. Last good checkpoint: {kept[-1] if kept else 'none saved yet'}"
-                f"{'; best model: ' + model_dir if os.path.isdir(model_dir) else ''}.\n"
-                "  fix: lower --learning_rate, use --mixed_precision bf16 instead of fp16, or check the data")
-        state.train_seconds += time.perf_counter() - start
-        state.real_tokens += real
-        state.padded_tokens += padded
-        fold_running_loss()
-        record: dict[str, Any] = {"epoch": epoch + 1,
-                                  "train_loss": state.epoch_loss_sum / max(state.epoch_loss_count, 1)}
-        state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
-        improved = True
-        if "validation" in encoded:
-            evaluation, _ = evaluate_split(accelerator, model, task, splits.validation, encoded["validation"],
-                                           eval_loaders["validation"], labels, splits.sources["validation"])
-            score = evaluation.metrics[task.metric]
-            record[f"eval_{task.metric}"] = score
-            improved = state.best_metric is None or score > state.best_metric
-            log(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, validation {task.metric} {score:.4f}"
-                f"{' (best so far)' if improved else ''}")
-            accelerator.log({f"eval_{task.metric}": score}, step=state.global_step)
-        state.history.append(record)
-        if improved:
-            state.best_metric, state.best_epoch = record.get(f"eval_{task.metric}"), epoch + 1
-            state.epochs_without_improvement = 0
-            if accelerator.is_main_process:
-                save_model(network, tokenizer, model_dir, task_name,
-                           {"max_seq_length": config.max_seq_length, "task_options": to_dict(options)})
-        else:
-            state.epochs_without_improvement += 1
-        state.epoch, state.batches_in_epoch = epoch + 1, 0
-        save_checkpoint(accelerator, config, state)
-        if config.early_stopping_patience and state.epochs_without_improvement >= config.early_stopping_patience:
-            log(f"early stopping: no better validation {task.metric} for {state.epochs_without_improvement} epochs")
+        train_epoch(epoch, training, state, config, lengths)
+        if end_of_epoch(epoch, training, task, data, state, config, save_best):
             break
     accelerator.wait_for_everyone()
+    metrics = final_scoring(task, config, data, training, state, model_dir)
+    accelerator.end_training()
+    return metrics
 
+
+def final_scoring(task: Task, config: TrainConfig, data: Data, training: Training, state: TrainerState,
+                  model_dir: str) -> dict:
+    """Reload the best (saved) model, fit a temperature and score validation and test (`score_splits`), write
+    metrics, report, predictions and plots."""
+    accelerator = training.accelerator
     # Training is over (the checkpoints hold the optimiser): free AdamW's two moment buffers, as large as the model,
     # before a second copy of the weights is loaded, so the end of the run stays under the training peak.
-    optimizer.state.clear()
-    # Score the best checkpoint (the saved one) on validation and test.
-    best, _, _ = load_model(model_dir)
-    network.load_state_dict(best.state_dict())
+    training.optimizer.state.clear()
+    best = task.head_type.load(model_dir, read_meta(model_dir))
+    training.network.load_state_dict(best.state_dict())
     del best
-    metrics = _final_metrics(state, splits, accelerator)
-    report_sections = [f"bert-ft {task_name} run: {config.output_dir}",
-                       f"best epoch: {state.best_epoch} (by validation {task.metric})" if "validation" in encoded
+    metrics = _final_metrics(state, data, accelerator, training)
+    report_sections = [f"bert-ft {task.name} run: {config.output_dir}",
+                       f"best epoch: {state.best_epoch} (by validation {task.metric})" if "validation" in data.features
                        else "no validation set: the last epoch is kept"]
+    calibration, evaluations = score_splits(task, data, training)
     test_evaluation = None
     for split, prefix in (("validation", "eval"), ("test", "test")):
-        if split not in encoded:
+        if split not in evaluations:
             continue
-        evaluation, seconds = evaluate_split(accelerator, model, task, getattr(splits, split), encoded[split],
-                                             eval_loaders[split], labels, splits.sources[split])
+        evaluation, _, seconds = evaluations[split]
         metrics.update({f"{prefix}_{key}": value for key, value in evaluation.metrics.items()})
         metrics[f"{prefix}_runtime"] = round(seconds, 3)
-        metrics[f"{prefix}_samples_per_second"] = round(len(getattr(splits, split)) / max(seconds, 1e-9), 2)
-        report_sections.append(f"== {split}: {splits.sources[split]} ==\n{evaluation.report}")
+        metrics[f"{prefix}_samples_per_second"] = round(len(getattr(data.splits, split)) / max(seconds, 1e-9), 2)
+        report_sections.append(f"== {split}: {data.splits.sources[split]} ==\n{evaluation.report}")
         if split == "test":
             test_evaluation = evaluation
+    calibration_metrics, section = calibration_results(calibration, evaluations)
+    metrics.update(calibration_metrics)
+    if section:
+        report_sections.append(section)
+    if calibration and accelerator.is_main_process:
+        write_temperature(model_dir, calibration["temperature"],
+                          {**calibration, "fitted_on": data.splits.sources["validation"],
+                           **{key: metrics[key] for key in ("eval_ece", "eval_ece_calibrated") if key in metrics}})
     report_sections.append(_speed_section(metrics))
     if accelerator.is_main_process:
         if test_evaluation is not None:
-            task.write_predictions(os.path.join(config.output_dir, task.predictions_file), splits.test,
+            task.write_predictions(os.path.join(config.output_dir, task.predictions_file), data.splits.test,
                                    test_evaluation.predictions)
         atomic_write_text(os.path.join(config.output_dir, "report.txt"), "\n\n".join(report_sections) + "\n")
         atomic_write_json(os.path.join(config.output_dir, "metrics.json"), metrics)
         write_plots(config.output_dir, state.history, task.metric,
                     test_evaluation.confusion if test_evaluation else None)
-        log("\n\n".join(report_sections[2:]))
-        log(f"run folder: {config.output_dir}")
-    accelerator.end_training()
+        accelerator.print("\n\n".join(report_sections[2:]))
+        accelerator.print(f"run folder: {config.output_dir}")
     return metrics
 
 
-def _final_metrics(state: TrainerState, splits: Splits, accelerator: Accelerator) -> dict:
+def _final_metrics(state: TrainerState, data: Data, accelerator: Accelerator, training: Training) -> dict:
     seconds = max(state.train_seconds, 1e-9)
     epochs_done = len(state.history)
     return {
         "train_runtime": round(state.train_seconds, 3),
-        "train_samples": len(splits.train),
+        "train_samples": len(data.splits.train),
         "epochs_trained": epochs_done,
         "best_epoch": state.best_epoch,
-        "train_samples_per_second": round(len(splits.train) * epochs_done / seconds, 3),
+        "train_samples_per_second": round(len(data.splits.train) * epochs_done / seconds, 3),
         "train_tokens_per_second": round(state.real_tokens / seconds, 1),
         "padding_ratio": round(1 - state.real_tokens / max(state.padded_tokens, 1), 4),
         "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
         "num_processes": accelerator.num_processes,
+        "precision": precision_name(accelerator),
+        "packing": training.packing,
         "train_loss": state.history[-1]["train_loss"] if state.history else None,
     }
 
 
 def _speed_section(metrics: dict) -> str:
     keys = ("train_runtime", "train_samples_per_second", "train_tokens_per_second", "padding_ratio",
-            "peak_memory_mb", "eval_samples_per_second", "test_samples_per_second", "num_processes")
+            "peak_memory_mb", "precision", "packing", "eval_samples_per_second", "test_samples_per_second",
+            "num_processes")
     return "== speed ==\n" + "\n".join(f"{key:<26} {metrics[key]}" for key in keys if key in metrics)

@@ -1,4 +1,4 @@
-"""Task plugins. TASKS is the one registry: the CLI's sub-commands come from it."""
+"""Task plugins. TASKS is the one registry: the CLI's sub-commands come from it (plus any plugin tasks)."""
 
 from .ner import NerTask
 from .relation import RelationTask

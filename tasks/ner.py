@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import json
+import math
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -10,17 +11,20 @@ from dataclasses import dataclass
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 from seqeval.metrics.sequence_labeling import get_entities
 from seqeval.scheme import IOB2
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForTokenClassification
 
 from bert_ft.config import flag
-from bert_ft.data import (best_window_per_word, read_jsonl_records, read_text_lines, special_tokens_around,
-                          word_windows)
+from bert_ft.crf import CRF, iob2_transition_mask
+from bert_ft.data import (best_window_per_word, looks_like_jsonl, read_jsonl_records, read_text_lines,
+                          special_tokens_around, word_windows)
 from bert_ft.errors import DataError
-from bert_ft.heads import TokenTagger
+from bert_ft.heads import Head, encoder_inputs, example_tokens
 from bert_ft.io import atomic_write_lines
 from bert_ft.metrics import format_table
-from bert_ft.predict import run_model
-
-SAMPLES = os.path.join(os.path.dirname(__file__), "samples")
+from bert_ft.task import Evaluation, Features, Task, sample_path
 SCHEMES = ("auto", "iob1", "iob2", "iobes")
 
 
@@ -130,10 +134,19 @@ def _spans_to_tags(path: str, number: int, record: dict) -> tuple[list[str], lis
         raise DataError(path, number, "'text' must be a string and 'label' an object {type: {mention: [[s, e]]}}")
     spans = []
     for entity_type, mentions in record["label"].items():
+        if not entity_type.strip() or not isinstance(mentions, dict):
+            raise DataError(path, number, f"label {entity_type!r}: {json.dumps(mentions)[:80]} is not an entity "
+                            "type mapped to {mention: [[start, end], ...]}",
+                            'CLUENER labels look like {"name": {"叶老桂": [[9, 11]]}}')
         for mention, mention_spans in mentions.items():
+            if not isinstance(mention_spans, list):
+                raise DataError(path, number, f"the spans of {mention!r} are {json.dumps(mention_spans)[:80]}, "
+                                "not a list of [start, end]", 'write {"mention": [[start, end], ...]}')
             for span in mention_spans:
-                if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)):
-                    raise DataError(path, number, f"span {span!r} of {mention!r} is not [start, end]")
+                if not (isinstance(span, list) and len(span) == 2
+                        and all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
+                    raise DataError(path, number, f"span {span!r} of {mention!r} is not [start, end]",
+                                    "two integers: 0-based character offsets with an inclusive end")
                 start, end = span
                 if not 0 <= start <= end < len(text):
                     raise DataError(path, number, f"span [{start}, {end}] of {mention!r} lies outside the text "
@@ -156,8 +169,11 @@ def read_jsonl(path: str, lines: list[str]) -> list[NerExample]:
     examples, nested = [], []
     for number, record in read_jsonl_records(path, lines):
         if "tokens" in record:
-            tags = record.get("tags", record.get("ner_tags"))
-            if not isinstance(tags, list) or len(tags) != len(record["tokens"]):
+            tokens, tags = record["tokens"], record.get("tags", record.get("ner_tags"))
+            if not isinstance(tokens, list) or not all(isinstance(word, str) for word in tokens):
+                raise DataError(path, number, f"'tokens' must be a list of strings, got {json.dumps(tokens)[:80]}",
+                                'write {"tokens": ["word", ...], "tags": ["O", ...]}')
+            if not isinstance(tags, list) or len(tags) != len(tokens):
                 raise DataError(path, number, "'tags' must be a list with one tag per token",
                                 'write {"tokens": [...], "tags": [...]} with equal lengths')
             for tag in tags:
@@ -212,24 +228,178 @@ def split_words(text: str) -> list[tuple[str, int, int]]:
 
 # ------------------------------------------------------------------------------------------------ the task
 
-class NerTask:
+def entity_spans(tag_ids: list[int], labels: list[str]) -> list[tuple[str, int, int]]:
+    """(type, first, last) of the entities in a tag-id sequence, as seqeval (default mode) reads them."""
+    return [(entity_type, first, last) for entity_type, first, last in get_entities([labels[tag] for tag in tag_ids])]
+
+
+class TokenTagger(Head):
+    """Token classification: a linear layer per token (transformers' own), optionally followed by a CRF.
+
+    Only the first sub-word of each word is labelled (`word_starts`); the CRF runs per example over those
+    positions, compacted to the front, so its transitions are between consecutive words of one sentence and never
+    cross from one packed example into the next.
+    """
+
+    auto_class = AutoModelForTokenClassification
+    extra_modules = ("crf",)
+
+    def __init__(self, model: nn.Module, labels: list[str], use_crf: bool = False) -> None:
+        super().__init__(model, labels, use_crf=use_crf)
+        self.crf = CRF(len(labels)) if use_crf else None
+        if self.crf is not None and all(label == "O" or label[:2] in ("B-", "I-") for label in labels):
+            self.crf.constrain(*iob2_transition_mask(self.labels))
+
+    def scores(self, batch: dict) -> torch.Tensor:
+        """Token logits (rows, seq, num_labels): what an exported graph computes."""
+        return self.model(**encoder_inputs(batch)).logits
+
+    def decode_scores(self, scores: torch.Tensor, batch: dict, temperature: float | None = None) -> dict:
+        return self._decode(scores.float(), batch["word_starts"], batch, temperature)
+
+    def calibration_nll(self, scores: torch.Tensor, batch: dict, temperature: float) -> tuple[torch.Tensor, int]:
+        """Linear head: per-word cross-entropy. CRF: the negative log-likelihood of each window's gold tag sequence
+        with every potential divided by the temperature; a window whose gold path breaks the IOB2 constraints (it
+        starts inside an entity) is left out, as its penalty would swamp the fit."""
+        if self.crf is None:
+            return super().calibration_nll(scores, batch, temperature)
+        emissions, word_labels, word_mask, _ = self._word_emissions(scores.float(), batch["word_starts"], batch,
+                                                                    batch["labels"])
+        tags = word_labels.clamp(min=0)
+        allowed = (self.crf.start_penalty[tags[:, 0]] == 0) & ~(
+            (self.crf.transition_penalty[tags[:, :-1], tags[:, 1:]] != 0) & word_mask[:, 1:]).any(dim=1)
+        keep = allowed & word_mask.any(dim=1)
+        if not bool(keep.any()):
+            return scores.new_zeros((), dtype=torch.float), 0
+        crf = self.crf.scaled(temperature)
+        count = int(keep.sum())
+        return crf(emissions[keep] / temperature, tags[keep], word_mask[keep]) * count, count
+
+    def prediction_scores(self, scores: torch.Tensor, batch: dict, pred: torch.Tensor) -> torch.Tensor:
+        """Linear head: the summed logits of the predicted tags; CRF: the score of the predicted tag path."""
+        if self.crf is None:
+            return super().prediction_scores(scores, batch, pred)
+        emissions, _, word_mask, positions = self._word_emissions(scores.float(), batch["word_starts"], batch)
+        tags = pred.long().clamp(min=0).gather(1, positions)  # (examples, words): pred at the word starts
+        return self.crf._path_score(emissions, tags * word_mask, word_mask)
+
+    def forward(self, labels: torch.Tensor | None = None, word_starts: torch.Tensor | None = None,
+                decode: bool = False, **batch: torch.Tensor) -> dict:
+        logits = self.scores(batch)  # (rows, seq, num_labels)
+        if decode:
+            return self._decode(logits.float(), word_starts, batch)  # at the head's temperature
+        if labels is None:
+            return {"logits": logits}
+        if self.crf is None:  # every labelled token of every example, wherever it sits in the rows
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        else:
+            emissions, word_labels, word_mask, _ = self._word_emissions(logits, word_starts, batch, labels)
+            loss = self.crf(emissions, word_labels.clamp(min=0), word_mask)
+        return {"loss": loss, "logits": logits}
+
+    @staticmethod
+    def _word_emissions(logits: torch.Tensor, word_starts: torch.Tensor, batch: dict,
+                        labels: torch.Tensor | None = None):
+        """Each example's word-start positions moved to its front: (rows, seq, L) -> (examples, words, L), plus
+        their labels, a (examples, words) prefix mask, and the positions within the example's tokens."""
+        tokens, _ = example_tokens(logits, batch)  # (examples, longest, L)
+        starts = example_tokens(word_starts, batch, fill=0)[0].bool()  # (examples, longest)
+        # A stable sort on "is not a start" lists the start positions first, in order.
+        positions = torch.argsort((~starts).to(torch.int8), dim=1, stable=True)
+        num_words = int(starts.sum(dim=1).max().item()) if starts.numel() else 0
+        positions = positions[:, :max(num_words, 1)]  # (examples, words)
+        word_mask = torch.gather(starts, 1, positions)  # (examples, words): a contiguous prefix of True
+        emissions = torch.gather(tokens, 1, positions.unsqueeze(-1).expand(-1, -1, tokens.size(-1)))
+        word_labels = None
+        if labels is not None:
+            word_labels = torch.gather(example_tokens(labels, batch, fill=-100)[0], 1, positions)
+        return emissions.float(), word_labels, word_mask, positions
+
+    def _decode(self, logits: torch.Tensor, word_starts: torch.Tensor, batch: dict,
+                temperature: float | None = None) -> dict:
+        """Per example and token (relative to the example's first token): label id (-1 off word starts), score
+        (the word's probability of that label), span (at the first word of each predicted entity: the probability
+        of exactly that entity, see `entity_spans`; 0 elsewhere). Probabilities at `temperature`."""
+        temperature = self.temperature if temperature is None else temperature
+        tokens, _ = example_tokens(logits, batch)  # (examples, longest, L)
+        starts = example_tokens(word_starts, batch, fill=0)[0].bool()  # (examples, longest)
+        emissions, _, word_mask, positions = self._word_emissions(logits, word_starts, batch)
+        word_probabilities = None
+        if self.crf is None:
+            predictions = tokens.argmax(-1)  # (examples, longest): the temperature never changes a prediction
+            probabilities = (tokens / temperature).softmax(-1)  # (examples, longest, L)
+            scores = probabilities.gather(-1, predictions.unsqueeze(-1)).squeeze(-1)
+            word_predictions = predictions.gather(1, positions) * word_mask  # (examples, words)
+            word_scores = scores.gather(1, positions)
+            word_probabilities = probabilities.gather(1, positions.unsqueeze(-1).expand(-1, -1, tokens.size(-1)))
+        else:
+            word_predictions, _ = self.crf.decode(emissions, word_mask)  # (examples, words); any temperature
+            crf = self.crf if temperature == 1.0 else self.crf.scaled(temperature)
+            marginals = crf.marginals(emissions / temperature, word_mask)  # (examples, words, num_labels)
+            word_scores = marginals.gather(-1, word_predictions.unsqueeze(-1)).squeeze(-1)
+            predictions = torch.zeros_like(starts, dtype=torch.long)
+            scores = torch.zeros_like(starts, dtype=torch.float)
+            predictions.scatter_(1, positions, word_predictions * word_mask)
+            scores.scatter_(1, positions, word_scores * word_mask)
+        spans = self._span_probabilities(emissions, word_mask, word_predictions, word_scores, word_probabilities,
+                                         temperature)
+        span = torch.zeros_like(starts, dtype=torch.float).scatter_(1, positions, spans * word_mask)
+        return {"pred": torch.where(starts, predictions, -1), "score": torch.where(starts, scores, 0.0),
+                "span": torch.where(starts, span, 0.0)}
+
+    def _span_probabilities(self, emissions: torch.Tensor, word_mask: torch.Tensor, word_predictions: torch.Tensor,
+                            word_scores: torch.Tensor, word_probabilities: torch.Tensor | None,
+                            temperature: float) -> torch.Tensor:
+        """(examples, words): at the first word of each predicted entity, the probability that the tagging holds
+        exactly this entity (its tags, the next word not continuing it with I-X, and for an entity that starts with
+        I-X the word before not being B-X/I-X); 0 elsewhere. CRF: the posterior of that event by forward-backward
+        at the temperature (every potential divided by it). Linear head: the same event with the words taken as
+        independent (their softmax probabilities at the temperature multiplied)."""
+        result = torch.zeros_like(word_scores)
+        lengths = word_mask.sum(dim=1).tolist()
+        spans = []  # (row, first word, tags, tags that may not precede it, tags that may not follow it)
+        for row, tags in enumerate(word_predictions.tolist()):
+            for entity_type, first, last in entity_spans(tags[:lengths[row]], self.labels):
+                inside = [index for index, label in enumerate(self.labels) if label == f"I-{entity_type}"]
+                before = [index for index, label in enumerate(self.labels)
+                          if label in (f"B-{entity_type}", f"I-{entity_type}")] \
+                    if self.labels[tags[first]].startswith("I-") else []
+                spans.append((row, first, tags[first:last + 1], before, inside))
+        if not spans:
+            return result
+        if self.crf is None:
+            for row, first, tags, before, inside in spans:
+                last = first + len(tags) - 1
+                probability = word_scores[row, first:last + 1].prod()
+                if last + 1 < lengths[row]:
+                    probability = probability * (1 - word_probabilities[row, last + 1, inside].sum())
+                if first > 0 and before:
+                    probability = probability * (1 - word_probabilities[row, first - 1, before].sum())
+                result[row, first] = probability
+            return result
+        crf = self.crf if temperature == 1.0 else self.crf.scaled(temperature)
+        probabilities = crf.span_marginals(emissions / temperature, word_mask, spans)
+        for (row, first, _, _, _), probability in zip(spans, probabilities.tolist()):
+            result[row, first] = probability
+        return result
+
+
+class NerTask(Task):
     name = "ner"
     description = "named-entity recognition (CoNLL, JSONL tokens/tags, CLUENER spans); seqeval scores"
     options_type = NerOptions
     metric = "f1"
     predictions_file = "test_predictions.txt"
+    head_type = TokenTagger
+    samples = {"train": sample_path(__file__, "ner_train.txt"), "validation": sample_path(__file__, "ner_dev.txt"),
+               "test": sample_path(__file__, "ner_test.txt")}
 
-    def __init__(self, options: NerOptions | None = None) -> None:
-        self.options = options or NerOptions()
-
-    def default_files(self) -> dict:
-        return {split: os.path.join(SAMPLES, f"ner_{name}.txt")
-                for split, name in (("train", "train"), ("validation", "dev"), ("test", "test"))}
+    def problems(self, config) -> list[str]:
+        return self.options.problems(config)
 
     def read(self, path: str) -> list[NerExample]:
         lines = read_text_lines(path)
-        first = next(line for line in lines if line.strip())
-        is_conll = not first.lstrip().startswith("{")  # CoNLL: one word per line, so a word has its own line
+        is_conll = not looks_like_jsonl(lines)  # CoNLL: one word per line, so a word has its own line
         if is_conll:
             examples = [NerExample(words, tags, path, line) for words, tags, line in read_conll(path, lines)]
         else:
@@ -265,33 +435,49 @@ class NerTask:
     def labels_of(self, example: NerExample) -> list[str]:
         return example.tags
 
-    def build_labels(self, train_examples: list[NerExample]) -> list[str]:
+    def build_labels(self, train_examples: list[NerExample], declared: list[str] | None = None) -> list[str]:
         types = sorted({tag[2:] for example in train_examples for tag in example.tags if tag != "O"})
         return ["O"] + [f"{prefix}-{entity_type}" for entity_type in types for prefix in ("B", "I")]
 
-    def prepare_tokenizer(self, tokenizer) -> None:
-        pass
+    def example_text(self, example: NerExample) -> str:
+        return example.text if example.text is not None else " ".join(example.words)
+
+    def word_count(self, example: NerExample) -> int:
+        return len(example.words)
+
+    def data_notes(self, split, examples, features, tokenizer) -> list[str]:
+        encoded = tokenizer([example.words for example in examples], is_split_into_words=True,
+                            add_special_tokens=False) if examples else {"input_ids": []}
+        empty = Counter()
+        for index, example in enumerate(examples):
+            present = {word for word in encoded.word_ids(index) if word is not None}
+            empty.update(word for position, word in enumerate(example.words) if position not in present)
+        lines = [f"words that tokenise to nothing (scored as [UNK]): {sum(empty.values())}"
+                 + (f", e.g. {[word for word, _ in empty.most_common(5)]}" if empty else "")]
+        return lines
+
+    def head_options(self) -> dict:
+        return {"use_crf": self.options.crf}
 
     def pad_values(self, tokenizer) -> dict:
-        return {"input_ids": tokenizer.pad_token_id, "labels": -100}
-
-    def build_model(self, model_path: str, labels: list[str], tokenizer, trust_remote_code: bool) -> TokenTagger:
-        return TokenTagger.create(model_path, labels, self.options.crf, trust_remote_code, len(tokenizer))
+        return {**super().pad_values(tokenizer), "labels": -100, "word_starts": 0}
 
     # ---------------------------------------------------------------------------------------- features
-    def encode(self, examples: list[NerExample], tokenizer, max_seq_length: int, labels: list[str]) -> list[dict]:
+    def encode(self, examples: list[NerExample], tokenizer, max_seq_length: int, labels: list[str]) -> Features:
         """One feature per window of each sentence; the first sub-word of each word carries its label."""
         label_ids = {label: index for index, label in enumerate(labels)}
         before, after = special_tokens_around(tokenizer)
         prefix, budget = len(before), max_seq_length - len(before) - len(after)
         with_types = "token_type_ids" in tokenizer.model_input_names
+        inputs, example_index, lengths, windows = [], [], [], []
+        if not examples:
+            return Features(inputs, example_index, lengths, windows)
         # One batched call for the whole file: sub-word ids of every word.
         encoded = tokenizer([example.words for example in examples], is_split_into_words=True,
                             add_special_tokens=False)
-        features = []
-        for example_index, example in enumerate(examples):
+        for index, example in enumerate(examples):
             word_pieces: list[list[int]] = [[] for _ in example.words]
-            for token_id, word_id in zip(encoded["input_ids"][example_index], encoded.word_ids(example_index)):
+            for token_id, word_id in zip(encoded["input_ids"][index], encoded.word_ids(index)):
                 word_pieces[word_id].append(token_id)
             for pieces in word_pieces:
                 if not pieces:  # e.g. a lone space or control character: keep the word, score it as [UNK]
@@ -306,28 +492,27 @@ class NerTask:
                     token_labels.extend([label_ids.get(example.tags[word], 0)] + [-100] * (len(pieces) - 1))
                 input_ids = before + content + after
                 suffix = len(after)
-                feature = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids),
+                feature = {"input_ids": input_ids,
                            "labels": [-100] * prefix + token_labels + [-100] * suffix,
-                           "word_starts": [0] * prefix + word_starts + [0] * suffix,
-                           "example_index": example_index, "window": (start, end)}
+                           "word_starts": [0] * prefix + word_starts + [0] * suffix}
                 if with_types:
                     feature["token_type_ids"] = [0] * len(input_ids)
-                features.append(feature)
-        return features
+                inputs.append(feature)
+                example_index.append(index)
+                lengths.append(len(input_ids))
+                windows.append((start, end))
+        return Features(inputs, example_index, lengths, windows)
 
-    def word_predictions(self, examples, features, outputs, labels) -> list[list[tuple[str, float]]]:
+    def word_predictions(self, examples, features: Features, outputs, labels) -> list[list[tuple[str, float]]]:
         """Merge window outputs back to one (tag, score) per word: each word from its most central window."""
-        by_example: dict[int, list[int]] = {}
-        for feature_index, feature in enumerate(features):
-            by_example.setdefault(feature["example_index"], []).append(feature_index)
         merged = []
-        for example_index, example in enumerate(examples):
-            feature_indices = by_example[example_index]
-            windows = [features[index]["window"] for index in feature_indices]
+        for example, feature_indices in zip(examples, features.by_example(len(examples))):
+            windows = [features.meta[index] for index in feature_indices]
             chosen = best_window_per_word(windows, len(example.words))
             per_window = []
             for index in feature_indices:
-                positions = [position for position, start in enumerate(features[index]["word_starts"]) if start]
+                positions = [position for position, start in enumerate(features.inputs[index]["word_starts"])
+                             if start]
                 per_window.append((outputs[index]["pred"][positions], outputs[index]["score"][positions]))
             words = []
             for word, window_index in enumerate(chosen):
@@ -338,12 +523,15 @@ class NerTask:
         return merged
 
     # ---------------------------------------------------------------------------------------- scoring
-    def evaluate(self, examples, features, outputs, labels, source):
-        from bert_ft.task import Evaluation
-
+    def evaluate(self, examples, features, outputs, labels, source) -> Evaluation:
         words = self.word_predictions(examples, features, outputs, labels)
         gold = [example.tags for example in examples]
         predicted = [[tag for tag, _ in sentence] for sentence in words]
+        confidences = []  # one per predicted entity: its probability, and whether span and type are right
+        for tags, entities in zip(gold, self.entity_probabilities(examples, features, outputs, labels, words)):
+            gold_entities = set(get_entities(tags))
+            confidences.extend((probability, (entity_type, first, last) in gold_entities)
+                               for entity_type, first, last, probability in entities)
         metrics = {
             "f1": f1_score(gold, predicted), "precision": precision_score(gold, predicted),
             "recall": recall_score(gold, predicted),
@@ -361,8 +549,8 @@ class NerTask:
                          int(default[name]["support"])])
         report = ("seqeval, entity level: default (conlleval) mode | strict IOB2 mode\n"
                   + format_table(rows, ["type", "P", "R", "F1", "strict P", "strict R", "strict F1", "support"]))
-        predictions = [[tag for tag, _ in sentence] for sentence in words]
-        return Evaluation(metrics, report, predictions, entity_confusion(gold, predicted))
+        return Evaluation(metrics, report, predicted, entity_confusion(gold, predicted), confidences,
+                          "each predicted entity's probability; correct = exact span and type")
 
     def write_predictions(self, path: str, examples: list[NerExample], predictions: list[list[str]]) -> None:
         lines = []
@@ -372,27 +560,67 @@ class NerTask:
         atomic_write_lines(path, lines)
 
     # ---------------------------------------------------------------------------------------- raw text
-    def predict(self, model, tokenizer, inputs: list[str], max_seq_length: int, batch_size: int) -> list[dict]:
-        """Entities with character offsets; long texts go through the same windows as training."""
+    def input_examples(self, inputs: list) -> list[NerExample]:
+        """Raw texts (strings or {"text": ...}), split into words like BERT's BasicTokenizer."""
         examples = []
-        for item in inputs:
-            text = item["text"] if isinstance(item, dict) else item
+        for number, item in enumerate(inputs, start=1):
+            text = item.get("text") if isinstance(item, dict) else item
+            if not isinstance(text, str):
+                raise DataError("input", number, f"expected a text or an object with a string 'text', got "
+                                f"{type(item).__name__}", 'give a line of text or {"text": "..."}')
             split = split_words(text)
-            examples.append(NerExample([word for word, _, _ in split], ["O"] * len(split), "input", 0, text,
+            examples.append(NerExample([word for word, _, _ in split], ["O"] * len(split), "input", number, text,
                                        [(start, end) for _, start, end in split]))
-        labels = model.labels
-        features = self.encode(examples, tokenizer, max_seq_length, labels)
-        outputs = run_model(model, features, self.pad_values(tokenizer), batch_size)
+        return examples
+
+    def results(self, examples, features, outputs, labels) -> list[dict]:
+        """Entities with character offsets; long texts went through the same windows as training. `score` is the
+        mean of the words' probabilities (what transformers' pipeline reports), `probability` the entity's own
+        probability (see `entity_probabilities`; calibrated when the model has a fitted temperature)."""
         results = []
-        for example, words in zip(examples, self.word_predictions(examples, features, outputs, labels)):
+        words_of = self.word_predictions(examples, features, outputs, labels)
+        probabilities_of = self.entity_probabilities(examples, features, outputs, labels, words_of)
+        for example, words, probabilities in zip(examples, words_of, probabilities_of):
             entities = []
-            for entity_type, first, last in get_entities([tag for tag, _ in words]):
+            for entity_type, first, last, probability in probabilities:
                 start, end = example.offsets[first][0], example.offsets[last][1]
                 score = sum(score for _, score in words[first:last + 1]) / (last - first + 1)
                 entities.append({"text": example.text[start:end], "type": entity_type, "start": start, "end": end,
-                                 "score": round(score, 6)})
+                                 "score": round(score, 6), "probability": round(probability, 6)})
             results.append({"text": example.text, "entities": entities})
         return results
+
+    def entity_probabilities(self, examples, features: Features, outputs, labels,
+                             words_of: list | None = None) -> list[list[tuple[str, int, int, float]]]:
+        """Per example, its predicted entities as (type, first word, last word, probability).
+
+        The probability is the head's span probability (`TokenTagger._span_probabilities`) from the window that
+        gave the entity's first word, when that window predicts the same entity with its neighbours in view; else
+        (an entity merged from two windows) the product of its words' probabilities."""
+        words_of = words_of if words_of is not None else self.word_predictions(examples, features, outputs, labels)
+        found = []
+        for example, feature_indices, words in zip(examples, features.by_example(len(examples)), words_of):
+            windows = [features.meta[index] for index in feature_indices]
+            chosen = best_window_per_word(windows, len(example.words))
+            tags = [tag for tag, _ in words]
+            entities = []
+            for entity_type, first, last in get_entities(tags):
+                index = feature_indices[chosen[first]]
+                start, end = windows[chosen[first]]
+                probability = None
+                if "span" in outputs[index] and start <= first and last < end and (first > start or start == 0) \
+                        and (last + 1 < end or end == len(example.words)):
+                    positions = [position for position, flag in enumerate(features.inputs[index]["word_starts"])
+                                 if flag]
+                    around = range(max(first - 1, start), min(last + 2, end))
+                    window_tags = [labels[int(outputs[index]["pred"][positions[word - start]])] for word in around]
+                    if window_tags == [tags[word] for word in around]:
+                        probability = float(outputs[index]["span"][positions[first - start]])
+                if probability is None:
+                    probability = math.prod(score for _, score in words[first:last + 1])
+                entities.append((entity_type, first, last, probability))
+            found.append(entities)
+        return found
 
 
 def entity_confusion(gold: list[list[str]], predicted: list[list[str]]) -> tuple[list[str], list[list[int]]]:

@@ -9,22 +9,22 @@ window around the two entities instead of losing a marker. The score is the offi
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import textwrap
 from collections import Counter
 from dataclasses import dataclass
 
-from bert_ft.config import flag
-from bert_ft.data import read_jsonl_records, read_text_lines, special_tokens_around
-from bert_ft.errors import DataError, UsageError
-from bert_ft.heads import POOLINGS, EntityPairClassifier
-from bert_ft.io import atomic_write_lines
-from bert_ft.metrics import confusion_matrix, format_confusion, format_table, relation_type, semeval_official_score
-from bert_ft.predict import run_model
+import torch
+from torch import nn
 
-SAMPLES = os.path.join(os.path.dirname(__file__), "samples")
+from bert_ft.config import flag
+from bert_ft.data import looks_like_jsonl, read_jsonl_records, read_text_lines, special_tokens_around
+from bert_ft.errors import DataError, UsageError
+from bert_ft.heads import ClassifierHead, encoder_inputs, example_positions, example_tokens
+from bert_ft.metrics import confusion_matrix, format_confusion, format_table, relation_type, semeval_official_score
+from bert_ft.task import ClassificationTask, Evaluation, Features, sample_path
+
+POOLINGS = ("entity_start", "entity_mean", "cls")
 MARKERS = ("<e1>", "</e1>", "<e2>", "</e2>")
 MARKER_PATTERN = re.compile(r"</?e[12]>")
 OTHER = "Other"
@@ -49,6 +49,7 @@ class RelationExample:
     label: str | None  # None for unlabelled inputs (predict)
     path: str  # the file, for messages
     line: int  # line of the record (SemEval: its ID line; JSONL: its line)
+    raw: dict | None = None  # the predict input it came from (its text, id and spans are echoed in the result)
 
 
 # --------------------------------------------------------------------------------------------- markers
@@ -272,6 +273,53 @@ LONG_KINDS = {
 }
 
 
+# ----------------------------------------------------------------------------------------------- the head
+
+class EntityPairClassifier(ClassifierHead):
+    """Relation classification over a marked entity pair.
+
+    pooling "entity_start": hidden states at the two start markers, concatenated ("matching the blanks");
+    "entity_mean": [CLS] + mean of each entity's tokens (R-BERT); "cls": the [CLS] state alone.
+    The batch gives `e1_start`, `e2_start` (marker positions) and `e1_end`, `e2_end` (end-marker positions), each
+    relative to the example's first token; the head adds the example's offset in its row.
+    """
+
+    model_kwargs = {"add_pooling_layer": False}
+    extra_modules = ("norm", "classifier")
+
+    def __init__(self, model: nn.Module, labels: list[str], pooling: str = "entity_start", dropout: float = 0.1) -> None:
+        if pooling not in POOLINGS:
+            raise UsageError(f"--pooling: must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        super().__init__(model, labels, pooling=pooling)
+        self.pooling = pooling
+        hidden = model.config.hidden_size
+        parts = {"entity_start": 2, "entity_mean": 3, "cls": 1}[pooling]
+        self.norm = nn.LayerNorm(parts * hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(parts * hidden, len(labels))
+
+    def scores(self, batch: dict) -> torch.Tensor:
+        """Class logits (examples, num_labels): what an exported graph computes."""
+        hidden = self.model(**encoder_inputs(batch)).last_hidden_state  # (rows, seq, hidden)
+        first = hidden[example_positions(batch)]  # (examples, hidden): each example's [CLS]
+        if self.pooling == "entity_start":
+            pooled = torch.cat([hidden[example_positions(batch, batch["e1_start"])],
+                                hidden[example_positions(batch, batch["e2_start"])]], dim=-1)
+        elif self.pooling == "cls":
+            pooled = first
+        else:
+            tokens, _ = example_tokens(hidden, batch)  # (examples, longest, hidden)
+            positions = torch.arange(tokens.size(1), device=hidden.device)  # (longest,)
+            means = [first]
+            for start, end in (("e1_start", "e1_end"), ("e2_start", "e2_end")):
+                # Tokens strictly between the start and end markers: (examples, longest) float mask.
+                inside = ((positions > batch[start][:, None]) & (positions < batch[end][:, None])).to(tokens.dtype)
+                means.append((tokens * inside[..., None]).sum(1) / inside.sum(1, keepdim=True).clamp(min=1))
+            pooled = torch.cat(means, dim=-1)
+        return self.classifier(self.dropout(self.norm(pooled)))  # (examples, num_labels)
+
+
+
 # ----------------------------------------------------------------------------------------------- the task
 
 def _short_names(labels: list[str]) -> list[str]:
@@ -284,7 +332,7 @@ def _short_names(labels: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else list(labels)
 
 
-class RelationTask:
+class RelationTask(ClassificationTask):
     name = "relation"
     description = ("relation classification between <e1>/<e2>-marked entities (SemEval-2010 Task 8 format or JSONL "
                    "spans); official SemEval macro-F1")
@@ -292,18 +340,13 @@ class RelationTask:
     metric = "macro_f1"
     predictions_file = "test_predictions.jsonl"
 
-    def __init__(self, options: RelationOptions | None = None) -> None:
-        self.options = options or RelationOptions()
-
-    def default_files(self) -> dict:
-        # No shipped dev file: the core keeps the last epoch, or --validation_split carves a seeded dev set.
-        return {"train": os.path.join(SAMPLES, "relation_train.txt"), "validation": None,
-                "test": os.path.join(SAMPLES, "relation_test.txt")}
+    head_type = EntityPairClassifier
+    # No shipped dev file: the core keeps the last epoch, or --validation_split carves a seeded dev set.
+    samples = {"train": sample_path(__file__, "relation_train.txt"), "test": sample_path(__file__, "relation_test.txt")}
 
     def read(self, path: str) -> list[RelationExample]:
         lines = read_text_lines(path)
-        first = next(line for line in lines if line.strip())
-        examples = read_jsonl(path, lines) if first.lstrip().startswith("{") else read_semeval(path, lines)
+        examples = read_jsonl(path, lines) if looks_like_jsonl(lines) else read_semeval(path, lines)
         if not examples:
             raise DataError(path, None, "no examples found", _FORMAT_FIX)
         return examples
@@ -327,10 +370,7 @@ class RelationTask:
             examples.append(example_from_record(record, f"{split} split", index + 1))
         return examples
 
-    def labels_of(self, example: RelationExample) -> list[str]:
-        return [example.label]
-
-    def build_labels(self, train_examples: list[RelationExample]) -> list[str]:
+    def build_labels(self, train_examples: list[RelationExample], declared: list[str] | None = None) -> list[str]:
         """Sorted labels, Other last. A directed label brings its mirror (X(e1,e2) -> X(e2,e1)): a small training
         slice may lack a rare direction (Entity-Destination(e2,e1) occurs once in SemEval train)."""
         labels = {example.label for example in train_examples}
@@ -348,12 +388,13 @@ class RelationTask:
             tokenizer.add_special_tokens({"additional_special_tokens": list(MARKERS)},
                                          replace_additional_special_tokens=False)
 
-    def pad_values(self, tokenizer) -> dict:
-        return {"input_ids": tokenizer.pad_token_id}
+    def head_options(self) -> dict:
+        return {"pooling": self.options.pooling}
 
-    def build_model(self, model_path: str, labels: list[str], tokenizer, trust_remote_code: bool):
-        return EntityPairClassifier.create(model_path, labels, self.options.pooling, trust_remote_code,
-                                           len(tokenizer))
+    def data_notes(self, split, examples, features, tokenizer) -> list[str]:
+        kinds = Counter(features.meta)
+        return [f"sentences over --max_seq_length: {sum(count for kind, count in kinds.items() if kind != 'full')}"]\
+            + [f"  {kinds[kind]:>5}  {text}" for kind, text in LONG_KINDS.items()]
 
     # ---------------------------------------------------------------------------------------- features
     @staticmethod
@@ -368,16 +409,17 @@ class RelationTask:
             ids.append(pieces[0])
         return ids
 
-    def encode(self, examples: list[RelationExample], tokenizer, max_seq_length: int, labels: list[str]) -> list[dict]:
+    def encode(self, examples: list[RelationExample], tokenizer, max_seq_length: int, labels: list[str]) -> Features:
         """One feature per example; e*_start/e*_end are the positions of the marker tokens in input_ids."""
         label_ids = {label: index for index, label in enumerate(labels)}
         marker_ids = self.marker_ids(tokenizer)
         before, after = special_tokens_around(tokenizer)
         budget = max_seq_length - len(before) - len(after)
         with_types = "token_type_ids" in tokenizer.model_input_names
-        encoded = tokenizer([example.text for example in examples], add_special_tokens=False)["input_ids"]
-        features = []
-        for example_index, (example, content) in enumerate(zip(examples, encoded)):
+        encoded = tokenizer([example.text for example in examples], add_special_tokens=False)["input_ids"] \
+            if examples else []
+        inputs, kinds = [], []
+        for example, content in zip(examples, encoded):
             positions = []
             for marker, marker_id in zip(MARKERS, marker_ids):
                 found = [position for position, token in enumerate(content) if token == marker_id]
@@ -387,29 +429,20 @@ class RelationTask:
                 positions.extend(found)
             kept, kind = choose_tokens(len(content), positions, budget)
             input_ids = before + [content[position] for position in kept] + after
-            feature = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids),
-                       "example_index": example_index, "window": kind}
+            feature = {"input_ids": input_ids}
             for key, marker_id in zip(("e1_start", "e1_end", "e2_start", "e2_end"), marker_ids):
                 feature[key] = input_ids.index(marker_id)
             if with_types:
                 feature["token_type_ids"] = [0] * len(input_ids)
             if example.label is not None:
                 feature["labels"] = label_ids[example.label]
-            features.append(feature)
-        return features
-
-    @staticmethod
-    def _per_example(examples, features, outputs) -> list[dict]:
-        by_example: list[dict | None] = [None] * len(examples)
-        for feature, output in zip(features, outputs):
-            by_example[feature["example_index"]] = output
-        return by_example
+            inputs.append(feature)
+            kinds.append(kind)
+        return Features(inputs, list(range(len(inputs))), [len(feature["input_ids"]) for feature in inputs], kinds)
 
     # ---------------------------------------------------------------------------------------- scoring
-    def evaluate(self, examples, features, outputs, labels, source):
-        from bert_ft.task import Evaluation
-
-        predicted = [labels[int(output["pred"])] for output in self._per_example(examples, features, outputs)]
+    def evaluate(self, examples, features, outputs, labels, source) -> Evaluation:
+        predicted = self.predicted_labels(examples, features, outputs, labels)
         gold = [example.label for example in examples]
         score = semeval_official_score(gold, predicted, OTHER)
         metrics = {"macro_f1": score["macro_f1"], "accuracy": score["accuracy"], "micro_f1": score["micro_f1"],
@@ -423,7 +456,7 @@ class RelationTask:
         matrix = confusion_matrix(gold, predicted, labels)
         short = _short_names(labels)
         legend = ", ".join(f"{name} = {label}" for name, label in zip(short, labels) if name != label)
-        kinds = Counter(feature["window"] for feature in features)
+        kinds = Counter(features.meta)
         long_total = sum(count for kind, count in kinds.items() if kind != "full")
         long_lines = [f"long sentences (over the max_seq_length): {long_total} of {len(features)}"]
         long_lines += [f"  {kinds[kind]:>5}  {text}" for kind, text in LONG_KINDS.items()]
@@ -443,35 +476,30 @@ class RelationTask:
             "",
             *long_lines,
         ])
-        return Evaluation(metrics, report, predicted, (list(labels), matrix))
-
-    def write_predictions(self, path: str, examples: list[RelationExample], predictions: list[str]) -> None:
-        atomic_write_lines(path, [json.dumps({"id": example.id, "gold": example.label, "pred": prediction},
-                                             ensure_ascii=False) for example, prediction in zip(examples, predictions)])
+        return Evaluation(metrics, report, predicted, (list(labels), matrix),
+                          self.confidences(examples, features, outputs, labels), self.CONFIDENCE_NOTE)
 
     # ---------------------------------------------------------------------------------------- raw text
-    def predict(self, model, tokenizer, inputs: list, max_seq_length: int, batch_size: int) -> list[dict]:
-        """Inputs: strings with <e1>..</e1> <e2>..</e2>, or {"text", "head": [s, e], "tail": [s, e]} (or a marked
-        "text"). Returns per input {"text", "label", "probability", "probabilities": {label: p}}."""
+    def input_examples(self, inputs: list) -> list[RelationExample]:
+        """Strings with <e1>..</e1> <e2>..</e2>, or {"text", "head": [s, e], "tail": [s, e]} (or a marked "text")."""
         examples = []
         for number, item in enumerate(inputs, start=1):
-            if isinstance(item, str):
-                item = {"text": item}
-            if not isinstance(item, dict):
+            record = {"text": item} if isinstance(item, str) else item
+            if not isinstance(record, dict):
                 raise DataError("input", number, f"expected a marked string or a JSON object, got {item!r}")
-            examples.append(example_from_record(item, "input", number, need_label=False))
-        labels = model.labels
-        features = self.encode(examples, tokenizer, max_seq_length, labels)
-        outputs = self._per_example(examples, features, run_model(model, features, self.pad_values(tokenizer),
-                                                                  batch_size))
+            example = example_from_record(record, "input", number, need_label=False)
+            example.raw = record
+            examples.append(example)
+        return examples
+
+    def results(self, examples, features, outputs, labels) -> list[dict]:
+        """Per input {"text", "label", "probability", "probabilities": {label: p}} (+ its id/head/tail)."""
         results = []
-        for item, output in zip(inputs, outputs):
-            probabilities = [float(value) for value in output["probs"]]
+        for example, output in zip(examples, self.per_example(examples, features, outputs)):
             best = int(output["pred"])
-            result = {"text": item if isinstance(item, str) else item["text"], "label": labels[best],
-                      "probability": round(probabilities[best], 6),
-                      "probabilities": {label: round(value, 6) for label, value in zip(labels, probabilities)}}
-            if isinstance(item, dict):
-                result.update({key: item[key] for key in ("id", "head", "tail") if key in item})
+            result = {"text": example.raw["text"], "label": labels[best],
+                      "probability": round(float(output["probs"][best]), 6),
+                      "probabilities": self.probabilities(output, labels)}
+            result.update({key: example.raw[key] for key in ("id", "head", "tail") if key in example.raw})
             results.append(result)
         return results

@@ -3,29 +3,35 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
 import re
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification
+
 from bert_ft.config import flag
-from bert_ft.data import read_jsonl_records, read_text_lines
+from bert_ft.data import looks_like_jsonl, read_jsonl_records, read_text_lines
 from bert_ft.errors import DataError
-from bert_ft.heads import SequenceClassifier
-from bert_ft.io import atomic_write_lines
+from bert_ft.heads import (ClassifierHead, check_batch, encoder_inputs, example_positions, full_top_layer,
+                           is_packed, read_first_token_only)
 from bert_ft.metrics import classification_report_dict, confusion_matrix, format_classification_report, \
     format_confusion
-from bert_ft.predict import run_model
-
-SAMPLES = os.path.join(os.path.dirname(__file__), "samples")
+from bert_ft.task import ClassificationTask, Evaluation, Features, sample_path
 _INTEGER = re.compile(r"[+-]?\d+")
 
 
 @dataclass
 class SentenceOptions:
-    text_column: str = flag("sentence", "column (JSONL: key) holding the text to classify")
-    text_pair_column: str = flag("sentence2", "column of the second text of a pair (used only when the file has it)")
+    text_column: str | None = flag(None, "column (JSONL: key) holding the text to classify (default: 'sentence' if "
+                                         "present, else inferred from the non-label columns like run_glue.py)")
+    text_pair_column: str | None = flag(None, "column of the second text of a pair, used only when the file has it "
+                                              "(default: 'sentence2' if present, else inferred from the non-label "
+                                              "columns like run_glue.py)")
     label_column: str = flag("label", "column holding the class label (strings or integers)")
     id_column: str | None = flag(None, "column with an example id for the predictions file "
                                        "(unset: the 1-based row number)")
@@ -35,9 +41,11 @@ class SentenceOptions:
         names = {"text_column": self.text_column, "label_column": self.label_column,
                  "text_pair_column": self.text_pair_column}
         for name, value in names.items():
+            if value is None and name != "label_column":
+                continue  # the default: 'sentence'/'sentence2' if present, else inferred from the header
             if not value or not value.strip():
                 found.append(f"--{name}: must not be empty")
-        if self.text_column == self.label_column:
+        if self.text_column is not None and self.text_column == self.label_column:
             found.append(f"--label_column: is the same column as --text_column ({self.text_column!r})")
         return found
 
@@ -70,9 +78,9 @@ def _format(path: str, text: str) -> str:
         return "tsv"
     if extension == ".csv":
         return ","
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    if first.lstrip().startswith("{"):
+    if looks_like_jsonl(text.split("\n")):
         return "jsonl"
+    first = next((line for line in text.splitlines() if line.strip()), "")
     if "\t" in first:
         return "tsv"
     try:
@@ -90,20 +98,94 @@ def _missing_column(path: str, line: int, kind: str, name: str, found: list[str]
     return DataError(path, line, f"no {kind} column {name!r} (columns found: {shown})", fix)
 
 
-class _Columns:
-    """Positions (or keys) of the text/pair/label/id columns, checked against the header."""
+ID_NAMES = {"id", "idx", "index", "guid", "uid", "row_id", "example_id"}
 
-    def __init__(self, options: SentenceOptions, header: list[str], path: str, line: int) -> None:
-        self.header = header
+
+def _is_identifier(name: str, values: list | None) -> bool:
+    """An id column: named like one (id, idx, index, ..._id), or (delimited files) unique integers on every row."""
+    folded = name.strip().lower()
+    if folded in ID_NAMES or folded.endswith("_id"):
+        return True
+    if not values or not all(isinstance(value, str) and _INTEGER.fullmatch(value.strip()) for value in values):
+        return False
+    return len({_integer_key(value) for value in values}) == len(values)
+
+
+def _integer_key(value: str) -> tuple[bool, str]:
+    """The integer an integer string means ("007" == "+7"), without int() (which refuses thousands of digits)."""
+    text = value.strip()
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    return text.startswith("-") and digits != "0", digits
+
+
+def _quoted(names: list[str]) -> str:
+    return ", ".join(repr(name) for name in names) or "none"
+
+
+class _Columns:
+    """Keys of the text/pair/label/id columns, checked against the header.
+
+    Without --text_column and without a 'sentence' column, the text columns are inferred like run_glue.py: the
+    columns other than the label (and --id_column), identifier columns skipped, in header order: text, text pair.
+    `defer=True` leaves that to `infer(rows)` (a delimited file's rows show which columns hold unique integers).
+    """
+
+    def __init__(self, options: SentenceOptions, header: list[str], path: str, line: int | None,
+                 defer: bool = False) -> None:
+        self.header, self.path, self.line, self.options = header, path, line, options
         if options.label_column not in header:
             raise _missing_column(path, line, "label", options.label_column, header, "--label_column")
-        if options.text_column not in header:
+        if options.text_column is not None and options.text_column not in header:
             raise _missing_column(path, line, "text", options.text_column, header, "--text_column")
         if options.id_column is not None and options.id_column not in header:
             raise _missing_column(path, line, "id", options.id_column, header, "--id_column")
-        self.text, self.label, self.id = options.text_column, options.label_column, options.id_column
-        pair = options.text_pair_column
-        self.pair = pair if pair in header and pair not in (options.text_column, options.label_column) else None
+        self.label, self.id = options.label_column, options.id_column
+        self.text = options.text_column if options.text_column is not None else (
+            "sentence" if "sentence" in header else None)
+        self.pair = None
+        if self.text is not None:
+            pair = options.text_pair_column if options.text_pair_column is not None else "sentence2"
+            self.pair = pair if pair in header and pair not in (self.text, self.label) else None
+        elif not defer:
+            self.infer(None)
+
+    def infer(self, rows: list[dict] | None) -> None:
+        """Text (and text pair) from the non-label columns in header order, identifier columns skipped; a clear
+        refusal when that is ambiguous. Prints the choice."""
+        pair = self.options.text_pair_column
+        pair = pair if pair in self.header and pair != self.label else None
+        candidates, skipped = [], []
+        for name in self.header:
+            if name in (self.label, self.id, pair):
+                continue
+            if _is_identifier(name, [row[name] for row in rows] if rows else None):
+                skipped.append(name)
+            else:
+                candidates.append(name)
+        most = 1 if pair else 2
+        skipped_text = (f"skipped identifier column{'s' if len(skipped) > 1 else ''} {_quoted(skipped)}"
+                        if skipped else "")
+        if not 1 <= len(candidates) <= most:
+            if candidates:
+                problem = (f"cannot tell which columns hold the text: {len(candidates)} candidate text columns "
+                           f"{_quoted(candidates)} besides the label column {self.label!r} (at most {most}: "
+                           + ("the text, as --text_pair_column is given)" if pair else "text and text pair)"))
+            else:
+                problem = f"no text column besides the label column {self.label!r}"
+            if skipped:
+                problem += f"; {skipped_text}"
+            raise DataError(self.path, self.line, f"{problem} (columns found: {_quoted(self.header)})",
+                            "name the text column with --text_column (and a second text with --text_pair_column), "
+                            "or name it 'sentence' (and 'sentence2') in the header")
+        self.text = candidates[0]
+        self.pair = pair or (candidates[1] if len(candidates) > 1 else None)
+        notes = "; ".join(note for note in (skipped_text, "inferred: pass --text_column to choose") if note)
+        print(f"{self.path}: columns: text={self.text!r}, text pair={repr(self.pair) if self.pair else 'none'}, "
+              f"label={self.label!r} ({notes})")
+
+    def fixed(self) -> SentenceOptions:
+        """Options naming the columns chosen here (later JSONL records are checked against them)."""
+        return dataclasses.replace(self.options, text_column=self.text, text_pair_column=self.pair)
 
 
 def _example(record: dict, columns: _Columns, path: str, line: int, ordinal: int) -> SentenceExample:
@@ -134,7 +216,7 @@ def read_delimited(path: str, text: str, delimiter: str, options: SentenceOption
     else:
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
         name = "CSV" if delimiter == "," else f"{delimiter!r}-separated"
-    columns, header_line, examples = None, 0, []
+    columns, header_line, rows = None, 0, []
     line = 1
     try:
         for row in reader:
@@ -147,19 +229,29 @@ def read_delimited(path: str, text: str, delimiter: str, options: SentenceOption
                 if repeated:
                     raise DataError(path, header_line, f"the header repeats the column name(s) {repeated}",
                                     "give every column a distinct name")
-                columns = _Columns(options, header, path, header_line)
+                columns = _Columns(options, header, path, header_line, defer=True)
                 continue
             if len(row) != len(columns.header):
                 raise DataError(path, line_of_row, f"expected {len(columns.header)} {name} fields "
                                 f"({', '.join(columns.header)}), got {len(row)}: {_preview(row)}",
                                 _field_fix(delimiter))
-            examples.append(_example(dict(zip(columns.header, row)), columns, path, line_of_row, len(examples) + 1))
+            rows.append((line_of_row, dict(zip(columns.header, row))))
     except csv.Error as error:
+        if "field limit" in str(error):  # usually an unclosed quote that swallowed the rest of the file
+            raise DataError(path, line, f"a {name} field longer than {csv.field_size_limit()} characters in the row "
+                            "starting here" + (" (an unclosed quote?)" if delimiter != "tsv" else ""),
+                            "close the quote that opens the field (double any quote inside it)" if delimiter != "tsv"
+                            else "split the text: one row per example, a tab between the fields") from None
         raise DataError(path, reader.line_num, f"malformed {name} ({error})", _field_fix(delimiter)) from None
-    if columns is not None and not examples:
+    if columns is None:
+        return []
+    if not rows:
         raise DataError(path, header_line, "the file has a header but no examples",
                         "add at least one row below the header")
-    return examples
+    if columns.text is None:  # no --text_column and no 'sentence' column: infer it (the rows show integer ids)
+        columns.infer([record for _, record in rows])
+    return [_example(record, columns, path, line_of_row, ordinal)
+            for ordinal, (line_of_row, record) in enumerate(rows, start=1)]
 
 
 def _preview(row: list[str]) -> str:
@@ -176,45 +268,100 @@ def _field_fix(delimiter: str) -> str:
 
 
 def read_jsonl(path: str, text: str, options: SentenceOptions) -> list[SentenceExample]:
-    examples, columns = [], None
+    examples, columns, chosen = [], None, options
     # Split on "\n" only: str.splitlines would also break at U+2028 and friends, which JSON strings may hold raw.
     for number, record in read_jsonl_records(path, text.split("\n")):
-        # Each record is checked against its own keys; the first one's message names the file's columns.
-        row_columns = _Columns(options, list(record), path, number)
+        # Each record is checked against its own keys; the first one's message names the file's columns (and, with
+        # no --text_column and no 'sentence' key, its keys give the inferred text columns for all the records).
+        row_columns = _Columns(chosen, list(record), path, number)
         if columns is None:
-            columns = row_columns
+            columns, chosen = row_columns, row_columns.fixed()
         elif row_columns.pair != columns.pair:
             raise DataError(path, number, f"the record {'lacks' if columns.pair else 'has'} the second-text key "
-                            f"{options.text_pair_column!r}, unlike the first record",
+                            f"{columns.pair or row_columns.pair!r}, unlike the first record",
                             "give every record the same keys")
         examples.append(_example(record, row_columns, path, number, len(examples) + 1))
     return examples
 
 
-def label_order(labels) -> list[str]:
-    """Numeric order when every label is an integer ("2" < "10"), else alphabetical."""
-    unique = set(labels)
-    if unique and all(_INTEGER.fullmatch(label) for label in unique):
-        return sorted(unique, key=lambda label: (int(label), label))
-    return sorted(unique)
+# ------------------------------------------------------------------------------------------------ the head
+
+def _pooler_classifier(model: nn.Module, first: torch.Tensor) -> torch.Tensor:
+    """BERT layout: pooler (dense + tanh on the [CLS] state), dropout, linear. first: (examples, hidden)."""
+    pooled = model.base_model.pooler(first[:, None])  # the pooler reads position 0 of what it is given
+    return model.classifier(model.dropout(pooled))
+
+
+def _sequence_classifier(model: nn.Module, first: torch.Tensor) -> torch.Tensor:
+    """RoBERTa-style layout: the classifier takes a sequence and reads its position 0 itself."""
+    return model.classifier(first[:, None])
+
+
+def _first_state_classifier(model: nn.Module):
+    """Which layout turns the first token's state into this model's logits exactly as its own forward does (None
+    also for a model that cannot run the check, such as the encoder-less stand-in of an export folder)."""
+    was_training = model.training
+    model.eval()
+    found = None
+    try:
+        batch = check_batch(model)
+        with torch.no_grad():
+            expected = model(**encoder_inputs(batch)).logits
+            hidden = model.base_model(**encoder_inputs(batch))[0]  # (rows, seq, hidden)
+            for layout in (_pooler_classifier, _sequence_classifier):
+                try:
+                    got = layout(model, hidden[:, 0])
+                except Exception:  # not this layout
+                    continue
+                if got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5, rtol=1e-4):
+                    found = layout
+                    break
+    except Exception:  # no encoder to check with: the stock forward
+        found = None
+    finally:
+        model.train(was_training)
+    return found
+
+
+class SequenceClassifier(ClassifierHead):
+    """Sentence (or sentence-pair) classification: transformers' own pooler + linear head on each example's first
+    token ([CLS]), read at its row and offset, so packed rows classify every example they hold."""
+
+    auto_class = AutoModelForSequenceClassification
+
+    def __init__(self, model: nn.Module, labels: list[str]) -> None:
+        super().__init__(model, labels)
+        # None: an unknown layout; the stock forward is used (one example per row; packing is then refused by the
+        # core's start-up check, as it reads position 0 of each row only).
+        self.classify_first = _first_state_classifier(model)
+        self.first_token_only = self.classify_first is not None and read_first_token_only(
+            model, lambda _, batch: self.scores(batch))
+
+    def scores(self, batch: dict) -> torch.Tensor:
+        """Class logits (examples, num_labels): what an exported graph computes."""
+        if self.classify_first is None:
+            return self.model(**encoder_inputs(batch)).logits
+        with full_top_layer(self.model, needed=is_packed(batch)):
+            hidden = self.model.base_model(**encoder_inputs(batch))[0]  # (rows, seq, hidden); (rows, 1, hidden) fast
+        rows, offsets = example_positions(batch)
+        return self.classify_first(self.model, hidden[rows, offsets])  # (examples, num_labels)
+
 
 
 # ------------------------------------------------------------------------------------------------ the task
 
-class SentenceTask:
+class SentenceTask(ClassificationTask):
     name = "sentence"
     description = "sentence / sentence-pair classification (TSV, CSV, JSONL; GLUE SST-2 TSV); accuracy, macro F1"
     options_type = SentenceOptions
     metric = "accuracy"
     predictions_file = "test_predictions.jsonl"
+    head_type = SequenceClassifier
+    samples = {split: sample_path(__file__, f"sentence_{name}.tsv")
+               for split, name in (("train", "train"), ("validation", "dev"), ("test", "test"))}
 
-    def __init__(self, options: SentenceOptions | None = None) -> None:
-        self.options = options or SentenceOptions()
-        self.hub_labels: list[str] | None = None  # class names of a Hub ClassLabel, in id order
-
-    def default_files(self) -> dict:
-        return {split: os.path.join(SAMPLES, f"sentence_{name}.tsv")
-                for split, name in (("train", "train"), ("validation", "dev"), ("test", "test"))}
+    def problems(self, config) -> list[str]:
+        return self.options.problems(config)
 
     def read(self, path: str) -> list[SentenceExample]:
         text = _read_text(path)
@@ -225,7 +372,8 @@ class SentenceTask:
             examples = read_delimited(path, text, kind, self.options)
         if not examples:
             raise DataError(path, None, "no examples found",
-                            f"TSV/CSV: a header with {self.options.text_column!r} and {self.options.label_column!r} "
+                            f"TSV/CSV: a header with {self.options.text_column or 'sentence'!r} and "
+                            f"{self.options.label_column!r} "
                             "then one row per example; JSONL: one object per line")
         return examples
 
@@ -241,8 +389,6 @@ class SentenceTask:
         checked = _Columns(options, columns, source, None)
         feature = dataset.features[options.label_column]
         names = list(feature.names) if hasattr(feature, "names") else None
-        if names is not None:
-            self.hub_labels = names
         keys = [key for key in (checked.text, checked.pair, checked.label, checked.id) if key is not None]
         examples, hidden = [], 0
         for index, row in enumerate(dataset):
@@ -261,56 +407,36 @@ class SentenceTask:
             print(f"warning: the {split} split: {hidden} rows without a label (-1) were left out")
         return examples
 
-    def labels_of(self, example: SentenceExample) -> list[str]:
-        return [example.label]
+    def hub_label_names(self, dataset) -> list[str] | None:
+        if self.options.label_column not in dataset.column_names:
+            return None
+        return list(getattr(dataset.features[self.options.label_column], "names", None) or []) or None
 
-    def build_labels(self, train_examples: list[SentenceExample]) -> list[str]:
-        seen = {example.label for example in train_examples}
-        if self.hub_labels is not None and seen <= set(self.hub_labels):
-            return list(self.hub_labels)  # the dataset's own class-id order
-        return label_order(seen)
-
-    def prepare_tokenizer(self, tokenizer) -> None:
-        pass
-
-    def pad_values(self, tokenizer) -> dict:
-        return {"input_ids": tokenizer.pad_token_id, "labels": -100}
-
-    def build_model(self, model_path: str, labels: list[str], tokenizer, trust_remote_code: bool) -> SequenceClassifier:
-        return SequenceClassifier.create(model_path, labels, trust_remote_code, len(tokenizer))
+    def example_text(self, example: SentenceExample) -> str:
+        return example.text if example.text_pair is None else f"{example.text}\t{example.text_pair}"
 
     # ---------------------------------------------------------------------------------------- features
-    def encode(self, examples: list[SentenceExample], tokenizer, max_seq_length: int, labels: list[str]) -> list[dict]:
+    def encode(self, examples: list[SentenceExample], tokenizer, max_seq_length: int, labels: list[str]) -> Features:
         """One feature per example: [CLS] text [SEP] (pair [SEP]), truncated to max_seq_length (longest first)."""
         if not examples:
-            return []
+            return Features([], [], [])
         label_ids = {label: index for index, label in enumerate(labels)}
         texts = [example.text for example in examples]
         pairs = [example.text_pair or "" for example in examples]
         has_pairs = any(example.text_pair is not None for example in examples)
         encoded = tokenizer(texts, pairs if has_pairs else None, truncation=True, max_length=max_seq_length)
-        keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
-        features = []
-        for example_index, example in enumerate(examples):
-            feature = {key: encoded[key][example_index] for key in keys}
+        keys = [key for key in ("input_ids", "token_type_ids") if key in encoded]
+        inputs = []
+        for index, example in enumerate(examples):
+            feature = {key: encoded[key][index] for key in keys}
             if example.label is not None:
                 feature["labels"] = label_ids.get(example.label, -100)
-            feature["example_index"] = example_index
-            features.append(feature)
-        return features
-
-    def _example_outputs(self, examples, features, outputs) -> list[dict]:
-        by_example: list[dict | None] = [None] * len(examples)
-        for feature, output in zip(features, outputs):
-            by_example[feature["example_index"]] = output
-        return by_example
+            inputs.append(feature)
+        return Features(inputs, list(range(len(examples))), [len(feature["input_ids"]) for feature in inputs])
 
     # ---------------------------------------------------------------------------------------- scoring
-    def evaluate(self, examples, features, outputs, labels, source):
-        from bert_ft.task import Evaluation
-
-        per_example = self._example_outputs(examples, features, outputs)
-        predicted = [labels[int(output["pred"])] for output in per_example]
+    def evaluate(self, examples, features, outputs, labels, source) -> Evaluation:
+        predicted = self.predicted_labels(examples, features, outputs, labels)
         gold = [example.label for example in examples]
         scores = classification_report_dict(gold, predicted, labels)
         metrics = {key: scores[key] for key in ("accuracy", "macro_f1", "macro_precision", "macro_recall",
@@ -322,20 +448,16 @@ class SentenceTask:
             "confusion matrix (rows: gold, columns: predicted)",
             format_confusion(matrix, labels),
         ])
-        return Evaluation(metrics, report, predicted, (list(labels), matrix))
-
-    def write_predictions(self, path: str, examples: list[SentenceExample], predictions: list[str]) -> None:
-        atomic_write_lines(path, [json.dumps({"id": example.id, "gold": example.label, "pred": prediction},
-                                             ensure_ascii=False)
-                                  for example, prediction in zip(examples, predictions)])
+        return Evaluation(metrics, report, predicted, (list(labels), matrix),
+                          self.confidences(examples, features, outputs, labels), self.CONFIDENCE_NOTE)
 
     # ---------------------------------------------------------------------------------------- raw text
     def _input_example(self, number: int, item) -> SentenceExample:
         if isinstance(item, str):
             text, pair = item, None
         elif isinstance(item, dict):
-            text = item.get("text", item.get(self.options.text_column))
-            pair = item.get("text_pair", item.get(self.options.text_pair_column))
+            text = item.get("text", item.get(self.options.text_column or "sentence"))
+            pair = item.get("text_pair", item.get(self.options.text_pair_column or "sentence2"))
             if not isinstance(text, str) or (pair is not None and not isinstance(pair, str)):
                 raise DataError("input", number, f"record with keys {sorted(item)} has no string 'text'",
                                 'give {"text": "..."} or {"text": "...", "text_pair": "..."}')
@@ -345,21 +467,17 @@ class SentenceTask:
             raise DataError("input", number, "empty text", "give a non-empty text")
         return SentenceExample(text, None, str(number), "input", number, pair)
 
-    def predict(self, model, tokenizer, inputs: list, max_seq_length: int, batch_size: int) -> list[dict]:
-        """{"text", "label", "probabilities": {label: p}} per input (a string or {"text", "text_pair"})."""
-        if not inputs:
-            return []
-        examples = [self._input_example(number, item) for number, item in enumerate(inputs, start=1)]
-        labels = model.labels
-        features = self.encode(examples, tokenizer, max_seq_length, labels)
-        outputs = self._example_outputs(examples, features, run_model(model, features, self.pad_values(tokenizer),
-                                                                      batch_size))
+    def input_examples(self, inputs: list) -> list[SentenceExample]:
+        return [self._input_example(number, item) for number, item in enumerate(inputs, start=1)]
+
+    def results(self, examples, features, outputs, labels) -> list[dict]:
+        """{"text", ("text_pair"), "label", "probabilities": {label: p}} per input."""
         results = []
-        for example, output in zip(examples, outputs):
+        for example, output in zip(examples, self.per_example(examples, features, outputs)):
             result = {"text": example.text}
             if example.text_pair is not None:
                 result["text_pair"] = example.text_pair
             result["label"] = labels[int(output["pred"])]
-            result["probabilities"] = {label: round(float(p), 6) for label, p in zip(labels, output["probs"])}
+            result["probabilities"] = self.probabilities(output, labels)
             results.append(result)
         return results

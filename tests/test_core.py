@@ -10,7 +10,7 @@ import torch
 
 from bert_ft.cli import build_parser, parse
 from bert_ft.config import TrainConfig
-from bert_ft.data import LengthGroupedSampler, best_window_per_word, padding_stats, word_windows
+from bert_ft.data import Collator, LengthGroupedSampler, best_window_per_word, padding_stats, word_windows
 from bert_ft.errors import UsageError
 from bert_ft.optim import build_optimizer, parameter_groups, set_frozen
 from tasks import TASKS
@@ -54,10 +54,12 @@ def test_ner_window_split_and_merge_return_exactly_the_input_words(tiny_model_di
     examples = [NerExample(words, tags, "mem", 1), NerExample(["short"], ["O"], "mem", 2)]
     labels = task.build_labels(examples)
     features = task.encode(examples, tokenizer, max_seq_length=32, labels=labels)
-    assert len(features) > 10 and all(len(feature["input_ids"]) <= 32 for feature in features)
+    assert len(features) > 10 and all(len(feature["input_ids"]) <= 32 for feature in features.inputs)
+    assert features.lengths == [len(feature["input_ids"]) for feature in features.inputs]
+    assert sorted(set(features.example_index)) == [0, 1] and features.example_index[-1] == 1
     # Fake model outputs: the gold label id at every word start (so the merge must reproduce the gold tags).
     outputs = [{"pred": torch.tensor(feature["labels"]).clamp(min=0).numpy(),
-                "score": torch.ones(len(feature["labels"])).numpy()} for feature in features]
+                "score": torch.ones(len(feature["labels"])).numpy()} for feature in features.inputs]
     merged = task.word_predictions(examples, features, outputs, labels)
     assert [[tag for tag, _ in sentence] for sentence in merged] == [tags, ["O"]]
 
@@ -80,10 +82,12 @@ def test_length_grouped_sampler_invariants():
     sampler.set_epoch(1)
     assert list(sampler) != first, "a new order each epoch"
     # Length-homogeneous: far less padding than random batches of the same size.
-    real, padded = padding_stats(lengths, first)
+    padded_batches = Collator({"input_ids": 0})
+    real, padded = padding_stats(lengths, first, padded_batches)
     shuffled = list(range(1000))
     random.Random(0).shuffle(shuffled)
-    random_real, random_padded = padding_stats(lengths, [shuffled[i:i + 16] for i in range(0, 1000, 16)])
+    random_real, random_padded = padding_stats(lengths, [shuffled[i:i + 16] for i in range(0, 1000, 16)],
+                                               padded_batches)
     assert 1 - real / padded < (1 - random_real / random_padded) / 3
     assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) <= 30 for b in first)
 
@@ -94,8 +98,10 @@ def test_mega_batch_factor_one_gives_random_batches():
     lengths = [rng.randint(3, 120) for _ in range(640)]
     batches = list(LengthGroupedSampler(lengths, batch_size=32, seed=5, mega_batch_factor=1))
     assert sorted(index for batch in batches for index in batch) == list(range(640))
-    real, padded = padding_stats(lengths, batches)
-    grouped_real, grouped_padded = padding_stats(lengths, list(LengthGroupedSampler(lengths, 32, seed=5)))
+    padded_batches = Collator({"input_ids": 0})
+    real, padded = padding_stats(lengths, batches, padded_batches)
+    grouped_real, grouped_padded = padding_stats(lengths, list(LengthGroupedSampler(lengths, 32, seed=5)),
+                                                 padded_batches)
     assert 1 - real / padded > 0.3 > 1 - grouped_real / grouped_padded  # random-batch padding vs grouped
     assert batches == list(LengthGroupedSampler(lengths, batch_size=32, seed=5, mega_batch_factor=1))
 
@@ -149,7 +155,9 @@ def test_frozen_weights_stay_bit_identical(tiny_model_dir, freeze):
         assert any("layer.1." in name for name in trainable) and not any("layer.0." in n for n in trainable)
     optimizer = build_optimizer(parameter_groups(model, 1e-2, None, 1.0, 0.1), weight_decay=0.1)
     batch = {"input_ids": torch.randint(1000, 2000, (4, 9)), "attention_mask": torch.ones(4, 9, dtype=torch.long),
-             "labels": torch.randint(0, 3, (4, 9)), "word_starts": torch.ones(4, 9, dtype=torch.long)}
+             "labels": torch.randint(0, 3, (4, 9)), "word_starts": torch.ones(4, 9, dtype=torch.long),
+             "example_row": torch.arange(4), "example_offset": torch.zeros(4, dtype=torch.long),
+             "example_length": torch.full((4,), 9)}
     for _ in range(3):
         model(**batch)["loss"].backward()
         optimizer.step()
@@ -191,8 +199,9 @@ def test_help_lists_every_config_field(capsys):
 def test_config_file_is_overridden_by_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("learning_rate: 0.001\nnum_train_epochs: 7\ncrf: true\n")
-    _, config, options = parse(TASKS, ["ner", "--config", str(path), "--num_train_epochs", "2"])
-    assert (config.learning_rate, config.num_train_epochs, options.crf) == (0.001, 2, True)
+    _, config, task = parse(TASKS, ["ner", "--config", str(path), "--num_train_epochs", "2"])
+    assert isinstance(task, NerTask)
+    assert (config.learning_rate, config.num_train_epochs, task.options.crf) == (0.001, 2, True)
     path.write_text("learning_rat: 0.001\n")
     with pytest.raises(UsageError, match="learning_rat"):
         parse(TASKS, ["ner", "--config", str(path)])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bert_ft.errors import DataError
+from bert_ft.task import Features
 from tasks.ner import NerOptions, NerTask, detect_scheme, entity_confusion, split_words, to_iob2
 
 
@@ -124,9 +125,9 @@ def test_evaluate_matches_hand_counts():
     labels = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
     example = NerExample(["a", "b", "c", "d", "e"], ["B-PER", "I-PER", "O", "B-LOC", "O"], "mem", 1)
     predicted = ["B-PER", "I-PER", "O", "O", "B-ORG"]
-    feature = {"example_index": 0, "window": (0, 5), "word_starts": [0, 1, 1, 1, 1, 1, 0]}
+    features = Features([{"word_starts": [0, 1, 1, 1, 1, 1, 0]}], example_index=[0], lengths=[7], meta=[(0, 5)])
     output = {"pred": np.array([-1] + [labels.index(tag) for tag in predicted] + [-1]), "score": np.ones(7)}
-    evaluation = task.evaluate([example], [feature], [output], labels, "mem")
+    evaluation = task.evaluate([example], features, [output], labels, "mem")
     # 1 correct of 2 predicted, 1 of 2 gold: P = R = F1 = 0.5.
     assert evaluation.metrics["precision"] == evaluation.metrics["recall"] == evaluation.metrics["f1"] == 0.5
     assert "strict F1" in evaluation.report and "PER" in evaluation.report
@@ -143,9 +144,9 @@ def test_conlleval_and_strict_modes_differ_on_i_start():
     task = NerTask()
     labels = ["O", "B-PER", "I-PER"]
     example = NerExample(["a", "b"], ["B-PER", "O"], "mem", 1)
-    feature = {"example_index": 0, "window": (0, 2), "word_starts": [0, 1, 1, 0]}
+    features = Features([{"word_starts": [0, 1, 1, 0]}], example_index=[0], lengths=[4], meta=[(0, 2)])
     output = {"pred": np.array([-1, 2, 0, -1]), "score": np.ones(4)}
-    metrics = task.evaluate([example], [feature], [output], labels, "mem").metrics
+    metrics = task.evaluate([example], features, [output], labels, "mem").metrics
     assert metrics["f1"] == 1.0 and metrics["strict_f1"] == 0.0
 
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from bert_ft.cli import main
-from bert_ft.data import PaddingCollator
+from bert_ft.data import Collator
 from bert_ft.heads import load_model, save_model
 from bert_ft.optim import build_optimizer, parameter_groups
+from bert_ft.predict import predict_examples
 from tasks import TASKS
 from tasks.ner import NerExample, NerTask
 
@@ -47,11 +48,14 @@ def city_tagger(tiny_model_dir, tmp_path_factory) -> str:
     torch.manual_seed(0)
     model = task.build_model(tiny_model_dir, labels, tokenizer, False)
     features = task.encode(examples, tokenizer, 32, labels)
-    collate = PaddingCollator(task.pad_values(tokenizer))
+    collate = Collator(task.pad_values(tokenizer))
+    assert len(features) == len(examples)  # short sentences: one window each
     optimizer = build_optimizer(parameter_groups(model, 3e-3, 3e-3, 1.0, 0.0), 0.0)
     model.train()
     for step in range(60):
-        batch = collate(features[(step * 16) % 64:(step * 16) % 64 + 16])
+        start = (step * 16) % 64
+        batch = collate([(index, features.inputs[index]) for index in range(start, start + 16)])
+        batch.pop("feature_index")
         model(**batch)["loss"].backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -61,11 +65,11 @@ def city_tagger(tiny_model_dir, tmp_path_factory) -> str:
 
 
 def test_long_text_returns_every_entity_with_slicing_offsets(city_tagger):
-    model, tokenizer, _ = load_model(city_tagger)
+    model, tokenizer, _ = load_model(city_tagger, TASKS)
     rng = random.Random(3)
     words = [rng.choice(CITIES) if i % 7 == 3 else rng.choice(FILLER[:-1]) for i in range(400)]
     text = "  ".join(words[:200]) + "\n" + " ".join(words[200:])
-    [result] = NerTask().predict(model, tokenizer, [text], max_seq_length=32, batch_size=16)
+    [result] = predict_examples(NerTask(), model, tokenizer, [text], max_seq_length=32, batch_size=16)
     cities = [word for word in words if word in CITIES]
     assert len(cities) > 50
     assert [entity["text"] for entity in result["entities"]] == cities  # 400 words in ~20 windows: none lost
@@ -77,9 +81,9 @@ def test_long_text_returns_every_entity_with_slicing_offsets(city_tagger):
 def test_ner_predictions_equal_transformers_pipeline(city_tagger):
     from transformers import pipeline
 
-    model, tokenizer, _ = load_model(city_tagger)
+    model, tokenizer, _ = load_model(city_tagger, TASKS)
     texts = ["We walked to Paris, then Berlin.", "Madrid and the big river", "the a we", "Berlin!Paris?Madrid"]
-    ours = NerTask().predict(model, tokenizer, texts, max_seq_length=128, batch_size=8)
+    ours = predict_examples(NerTask(), model, tokenizer, texts, max_seq_length=128, batch_size=8)
     tagger = pipeline("token-classification", model=city_tagger, aggregation_strategy="first", device="cpu")
     for text, result in zip(texts, ours):
         theirs = tagger(text)
@@ -117,7 +121,9 @@ def test_sentence_predictions_equal_transformers_pipeline(tiny_model_dir, tmp_pa
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
     model = task.build_model(tiny_model_dir, labels, tokenizer, False)
-    batch = PaddingCollator(task.pad_values(tokenizer))(task.encode(examples, tokenizer, 64, labels))
+    features = task.encode(examples, tokenizer, 64, labels)
+    batch = Collator(task.pad_values(tokenizer))(list(enumerate(features.inputs)))
+    batch.pop("feature_index")
     optimizer = build_optimizer(parameter_groups(model, 1e-3, 1e-2, 1.0, 0.0), 0.0)
     for _ in range(5):
         model(**batch)["loss"].backward()
@@ -126,8 +132,8 @@ def test_sentence_predictions_equal_transformers_pipeline(tiny_model_dir, tmp_pa
     folder = str(tmp_path / "model")
     save_model(model.eval(), tokenizer, folder, "sentence", {"max_seq_length": 64})
     texts = [example.text for example in examples[:6]] + ["这部电影很好看", "Not bad at all!"]
-    reloaded, reloaded_tokenizer, _ = load_model(folder)
-    ours = task.predict(reloaded, reloaded_tokenizer, texts, max_seq_length=64, batch_size=4)
+    reloaded, reloaded_tokenizer, _ = load_model(folder, TASKS)
+    ours = predict_examples(task, reloaded, reloaded_tokenizer, texts, max_seq_length=64, batch_size=4)
     classifier = pipeline("text-classification", model=folder, device="cpu", top_k=None)
     for text, result in zip(texts, ours):
         rows = classifier(text)

@@ -16,11 +16,14 @@ import pytest
 import torch
 
 from bert_ft.cli import parse
-from bert_ft.data import PaddingCollator
+from bert_ft.data import Collator
 from bert_ft.errors import DataError
-from bert_ft.heads import EntityPairClassifier, load_model, save_model
+from bert_ft.heads import load_model, save_model
+from bert_ft.predict import predict_examples
+from bert_ft.task import Features
 from tasks import TASKS
-from tasks.relation import (MARKERS, RelationExample, RelationOptions, RelationTask, choose_tokens, mark_spans)
+from tasks.relation import (MARKERS, EntityPairClassifier, RelationExample, RelationOptions, RelationTask,
+                            choose_tokens, mark_spans)
 
 REPO = Path(__file__).resolve().parents[1]
 SEMEVAL = REPO.parent / "shared" / "data" / "semeval2010_task8"
@@ -108,19 +111,22 @@ def test_encode_refuses_a_tokenizer_without_markers() -> None:
     ("A <e1>keygen</e1> uses a <e2>disassembler</e2>", ["key", "##gen"], ["di", "##sas", "##se", "##mble", "##r"]),
 ])
 def test_entity_start_and_end_indices(tokenizer, text, e1_tokens, e2_tokens) -> None:
-    (feature,) = RelationTask().encode([example(text, CE12)], tokenizer, 64, LABELS)
+    task = RelationTask()
+    features = task.encode([example(text, CE12)], tokenizer, 64, LABELS)
+    (feature,) = features.inputs
     tokens = tokenizer.convert_ids_to_tokens(feature["input_ids"])
     assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
     assert [tokens[feature[key]] for key in ("e1_start", "e1_end", "e2_start", "e2_end")] == list(MARKERS)
     assert tokens[feature["e1_start"] + 1:feature["e1_end"]] == e1_tokens
     assert tokens[feature["e2_start"] + 1:feature["e2_end"]] == e2_tokens
     assert feature["labels"] == LABELS.index(CE12)
-    assert feature["attention_mask"] == [1] * len(tokens) and feature["token_type_ids"] == [0] * len(tokens)
-    assert feature["window"] == "full" and feature["example_index"] == 0
+    assert feature["token_type_ids"] == [0] * len(tokens)
+    assert Collator(task.pad_values(tokenizer))([(0, feature)])["attention_mask"].tolist() == [[1] * len(tokens)]
+    assert features.meta == ["full"] and features.example_index == [0] and features.lengths == [len(tokens)]
 
 
 def test_exact_tokens_of_a_sentence_start_and_adjacent_entities(tokenizer) -> None:
-    (feature,) = RelationTask().encode([example("<e1>Smoke</e1><e2>alarm</e2>")], tokenizer, 32, LABELS)
+    (feature,) = RelationTask().encode([example("<e1>Smoke</e1><e2>alarm</e2>")], tokenizer, 32, LABELS).inputs
     assert tokenizer.convert_ids_to_tokens(feature["input_ids"]) == [
         "[CLS]", "<e1>", "smoke", "</e1>", "<e2>", "alarm", "</e2>", "[SEP]"]
     assert (feature["e1_start"], feature["e1_end"], feature["e2_start"], feature["e2_end"]) == (1, 3, 4, 6)
@@ -131,12 +137,18 @@ def test_features_collate_into_a_batch_the_head_accepts(tokenizer) -> None:
     task = RelationTask()
     features = task.encode([example("<e1>a</e1> b <e2>c</e2>", CE12), example("x <e2>y</e2> z z <e1>w</e1>", CW21)],
                            tokenizer, 32, LABELS)
-    batch = PaddingCollator(task.pad_values(tokenizer))(features)
+    batch = Collator(task.pad_values(tokenizer))(list(enumerate(features.inputs)))
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "e1_start", "e1_end",
-                          "e2_start", "e2_end"}
+                          "e2_start", "e2_end", "example_row", "example_offset", "example_length", "feature_index"}
+    assert batch.pop("feature_index").tolist() == [0, 1]
+    packed = Collator(task.pad_values(tokenizer), pack=True)(list(enumerate(features.inputs)))
+    packed.pop("feature_index")
+    assert packed["input_ids"].shape[0] == 1  # both examples share one row
     for pooling in ("entity_start", "entity_mean", "cls"):
-        output = tiny_model(tokenizer, pooling=pooling)(**batch)
+        model = tiny_model(tokenizer, pooling=pooling)
+        output = model(**batch)
         assert output["logits"].shape == (2, len(LABELS)) and torch.isfinite(output["loss"])
+        torch.testing.assert_close(model(**packed)["logits"], output["logits"], atol=1e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------- readers
@@ -322,16 +334,16 @@ def test_long_sentences_keep_every_marker_and_are_counted(tokenizer) -> None:
     ]
     task = RelationTask()
     features = task.encode(examples, tokenizer, 24, LABELS)
-    assert [feature["window"] for feature in features] == ["window", "split", "split_cut", "truncated", "full"]
+    assert features.meta == ["window", "split", "split_cut", "truncated", "full"]
     ids = marker_token_ids(tokenizer)
-    for feature in features:
+    for feature in features.inputs:
         assert len(feature["input_ids"]) <= 24
         assert [feature["input_ids"][feature[key]] for key in ("e1_start", "e1_end", "e2_start", "e2_end")] == ids
         assert sorted(token for token in feature["input_ids"] if token in ids) == sorted(ids)  # each exactly once
-    window = tokenizer.convert_ids_to_tokens(features[0]["input_ids"])
+    window = tokenizer.convert_ids_to_tokens(features.inputs[0]["input_ids"])
     assert window[window.index("<e1>"):window.index("</e2>") + 1] == [
         "<e1>", "cat", "</e1>", "chased", "the", "<e2>", "mouse", "</e2>"]
-    split = tokenizer.convert_ids_to_tokens(features[1]["input_ids"])
+    split = tokenizer.convert_ids_to_tokens(features.inputs[1]["input_ids"])
     assert split[:4] == ["[CLS]", "<e1>", "cat", "</e1>"] and split[-4:] == ["<e2>", "mouse", "</e2>", "[SEP]"]
     outputs = [{"pred": np.int64(LABELS.index(item.label)), "probs": np.ones(len(LABELS)) / len(LABELS)}
                for item in examples]
@@ -351,7 +363,9 @@ def _evaluate(tokenizer, gold: list[str], pred: list[str], reverse: bool = False
     outputs = [{"pred": np.int64(LABELS.index(label)), "probs": np.eye(len(LABELS))[LABELS.index(label)]}
                for label in pred]
     if reverse:  # evaluate must follow example_index, not the feature order
-        features, outputs = features[::-1], outputs[::-1]
+        features = Features(features.inputs[::-1], features.example_index[::-1], features.lengths[::-1],
+                            features.meta[::-1])
+        outputs = outputs[::-1]
     return task.evaluate(examples, features, outputs, LABELS, "test")
 
 
@@ -414,7 +428,7 @@ def test_predict_marked_strings_and_span_dicts_and_reload(tokenizer, tmp_path) -
     model = tiny_model(tokenizer)
     inputs = ["The <e1>fire</e1> caused <e2>smoke</e2>.",
               {"id": "x", "text": "The fire caused smoke.", "head": [4, 8], "tail": [16, 21]}]
-    results = task.predict(model, tokenizer, inputs, 32, 8)
+    results = predict_examples(task, model, tokenizer, inputs, 32, 8)
     assert len(results) == 2
     assert results[0]["text"] == inputs[0] and results[1]["text"] == "The fire caused smoke."
     assert results[1]["id"] == "x" and results[1]["head"] == [4, 8]
@@ -426,18 +440,20 @@ def test_predict_marked_strings_and_span_dicts_and_reload(tokenizer, tmp_path) -
     assert results[0]["probabilities"] == results[1]["probabilities"]
     # A saved model folder reloads with its markers and predicts the same.
     save_model(model, tokenizer, str(tmp_path / "model"), "relation", {"task_options": {"pooling": "entity_start"}})
-    loaded, loaded_tokenizer, meta = load_model(str(tmp_path / "model"))
+    loaded, loaded_tokenizer, meta = load_model(str(tmp_path / "model"), TASKS)
     assert meta["head_options"] == {"pooling": "entity_start"} and len(loaded_tokenizer) == len(tokenizer)
-    again = task.predict(loaded, loaded_tokenizer, inputs, 32, 8)
+    again = predict_examples(task, loaded, loaded_tokenizer, inputs, 32, 8)
     assert [result["probabilities"] for result in again] == [result["probabilities"] for result in results]
     with pytest.raises(DataError, match="input:2: unclosed entity marker <e2>"):
-        task.predict(model, tokenizer, [inputs[0], "<e1>a</e1> <e2>b"], 32, 8)
+        predict_examples(task, model, tokenizer, [inputs[0], "<e1>a</e1> <e2>b"], 32, 8)
 
 
 def test_cli_registers_relation_with_pooling_flag() -> None:
     assert TASKS["relation"] is RelationTask
-    name, config, options = parse(TASKS, ["relation", "--pooling", "entity_mean", "--max_seq_length", "64"])
-    assert name == "relation" and options == RelationOptions(pooling="entity_mean") and config.max_seq_length == 64
+    name, config, task = parse(TASKS, ["relation", "--pooling", "entity_mean", "--max_seq_length", "64"])
+    assert name == "relation" and isinstance(task, RelationTask)
+    assert task.options == RelationOptions(pooling="entity_mean") and config.max_seq_length == 64
+    assert task.head_options() == {"pooling": "entity_mean"}
     with pytest.raises(SystemExit):
         parse(TASKS, ["relation", "--pooling", "max"])
     defaults = RelationTask().default_files()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bert_ft.data import PaddingCollator
+from bert_ft.data import Collator
 from bert_ft.heads import load_model, save_model
 from bert_ft.optim import build_optimizer, parameter_groups
 from tasks import TASKS
@@ -24,7 +24,8 @@ def test_train_save_reload_identical_outputs(name, tiny_model_dir, tmp_path):
     torch.manual_seed(0)
     model = task.build_model(tiny_model_dir, labels, tokenizer, False)
     features = task.encode(examples, tokenizer, 64, labels)
-    batch = PaddingCollator(task.pad_values(tokenizer))(features[:8])
+    batch = Collator(task.pad_values(tokenizer))(list(enumerate(features.inputs[:8])))
+    batch.pop("feature_index")
     optimizer = build_optimizer(parameter_groups(model, 1e-3, 1e-2, 1.0, 0.0), 0.0)
     model.train()
     losses = []
@@ -38,11 +39,14 @@ def test_train_save_reload_identical_outputs(name, tiny_model_dir, tmp_path):
     model.eval()
     folder = str(tmp_path / "model")
     save_model(model, tokenizer, folder, name, {"max_seq_length": 64})
-    reloaded, reloaded_tokenizer, meta = load_model(folder)
+    reloaded, reloaded_tokenizer, meta = load_model(folder, TASKS)
+    assert type(reloaded) is task_type.head_type
     assert meta["task"] == name and meta["labels"] == labels
     assert reloaded_tokenizer(["a <e1>b</e1>"])["input_ids"] == tokenizer(["a <e1>b</e1>"])["input_ids"]
     with torch.no_grad():
         before, after = model(**batch)["logits"], reloaded(**batch)["logits"]
         assert torch.equal(before, after)
-        for key, value in model.predict(**batch).items():
-            assert torch.equal(value, reloaded.predict(**batch)[key]), key
+        decoded, reloaded_decoded = model(**batch, decode=True), reloaded(**batch, decode=True)
+        assert decoded and set(decoded) == set(reloaded_decoded)
+        for key, value in decoded.items():
+            assert torch.equal(value, reloaded_decoded[key]), key

