@@ -17,7 +17,7 @@ from .task import Features
 
 
 def eval_loader(features: Features, collator: Collator, batch_size: int) -> DataLoader:
-    """Longest-first sorted, padded batches: ordering changes no score, and sorting leaves little padding."""
+    """Longest-first sorted batches (ordering changes no score), padded or packed as the collator does."""
     sampler = LengthGroupedSampler(features.lengths, batch_size, seed=0, shuffle=False)
     return DataLoader(FeatureDataset(features.inputs), batch_sampler=sampler, collate_fn=collator)
 

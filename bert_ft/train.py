@@ -366,7 +366,9 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
     # Packed batches are random batches; padded ones are length-grouped unless --mega_batch_factor 1.
     train_loader = _train_loader(data.features["train"], collator, config,
                                  1 if packing == "on" else config.mega_batch_factor)
-    eval_collator = Collator(pad_values, pad_to_multiple_of=pad_multiple)
+    # Evaluation packs too when packing is exact: sorted padded batches of 128 still carry much padding (their
+    # longest member sets the width), and packed ones ran 1.7x faster on CoNLL-2003 test (measured, README).
+    eval_collator = Collator(pad_values, pack=packing == "on", pad_to_multiple_of=pad_multiple)
     eval_loaders = {split: eval_loader(features, eval_collator, config.per_device_eval_batch_size)
                     for split, features in data.features.items() if split != "train"}
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
