@@ -196,6 +196,8 @@ class OnnxModel(nn.Module):
         self.head.temperature = value
 
     def scores(self, batch: dict) -> torch.Tensor:
+        if "position_ids" in batch:
+            raise ValueError("an ONNX export runs padded batches (one example per row), not packed ones")
         feeds = {name: batch[name].detach().cpu().numpy() for name in self.input_names}
         return torch.from_numpy(self.session.run([OUTPUT_NAME], feeds)[0])
 
