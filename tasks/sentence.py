@@ -7,7 +7,6 @@ import dataclasses
 import io
 import json
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +20,7 @@ from bert_ft.heads import (ClassifierHead, check_batch, encoder_inputs, example_
                            is_packed, read_first_token_only)
 from bert_ft.metrics import classification_report_dict, confusion_matrix, format_classification_report, \
     format_confusion
-from bert_ft.task import ClassificationTask, Evaluation, Features, sample_path
-_INTEGER = re.compile(r"[+-]?\d+")
+from bert_ft.task import INTEGER, ClassificationTask, Evaluation, Features, sample_path
 
 
 @dataclass
@@ -106,7 +104,7 @@ def _is_identifier(name: str, values: list | None) -> bool:
     folded = name.strip().lower()
     if folded in ID_NAMES or folded.endswith("_id"):
         return True
-    if not values or not all(isinstance(value, str) and _INTEGER.fullmatch(value.strip()) for value in values):
+    if not values or not all(isinstance(value, str) and INTEGER.fullmatch(value.strip()) for value in values):
         return False
     return len({_integer_key(value) for value in values}) == len(values)
 
