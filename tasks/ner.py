@@ -7,6 +7,7 @@ import math
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 from seqeval.metrics.sequence_labeling import get_entities
@@ -18,7 +19,7 @@ from transformers import AutoModelForTokenClassification
 
 from bert_ft.config import flag
 from bert_ft.crf import CRF, iob2_transition_mask
-from bert_ft.data import (best_window_per_word, looks_like_jsonl, read_jsonl_records, read_text_lines,
+from bert_ft.data import (best_window_per_word, check_text_file, iter_text_lines, looks_like_jsonl, read_jsonl_records,
                           special_tokens_around, word_windows)
 from bert_ft.errors import DataError
 from bert_ft.heads import Head, encoder_inputs, example_tokens
@@ -63,7 +64,7 @@ def _split_tag(tag: str, path: str, line: int) -> tuple[str, str]:
     return prefix, entity_type
 
 
-def detect_scheme(sentences: list[list[str]]) -> str:
+def detect_scheme(sentences: Iterable[list[str]]) -> str:
     """IOBES if E-/S- occur; IOB1 if most entities start with I- (B- only separates neighbours); else IOB2."""
     prefixes = Counter()
     starts_with_inside = 0
@@ -99,14 +100,14 @@ def to_iob2(tags: list[str], scheme: str) -> tuple[list[str], list[int]]:
 
 # -------------------------------------------------------------------------------------------------- readers
 
-def read_conll(path: str, lines: list[str]) -> list[tuple[list[str], list[str], int]]:
-    """(words, tags, first line) per sentence; token in the first column, tag in the last."""
-    sentences, words, tags, first_line = [], [], [], 0
+def read_conll(path: str, lines: Iterable[str]) -> Iterator[tuple[list[str], list[str], int]]:
+    """(words, tags, first line) per sentence, streamed; token in the first column, tag in the last."""
+    words, tags, first_line = [], [], 0
     for number, line in enumerate(lines, start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("-DOCSTART-"):
             if words:
-                sentences.append((words, tags, first_line))
+                yield words, tags, first_line
                 words, tags = [], []
             continue
         columns = stripped.split()
@@ -119,8 +120,7 @@ def read_conll(path: str, lines: list[str]) -> list[tuple[list[str], list[str], 
         words.append(columns[0])
         tags.append(columns[-1])
     if words:
-        sentences.append((words, tags, first_line))
-    return sentences
+        yield words, tags, first_line
 
 
 def _spans_to_tags(path: str, number: int, record: dict) -> tuple[list[str], list[str], list[tuple[int, int]], list[str]]:
@@ -165,8 +165,9 @@ def _spans_to_tags(path: str, number: int, record: dict) -> tuple[list[str], lis
     return list(text), tags, [(index, index + 1) for index in range(len(text))], dropped
 
 
-def read_jsonl(path: str, lines: list[str]) -> list[NerExample]:
-    examples, nested = [], []
+def read_jsonl(path: str, lines: Iterable[str], warn: bool = True) -> Iterator[NerExample]:
+    """NerExamples from JSON Lines, streamed; nested CLUENER entities are counted and warned about at the end."""
+    nested_count, nested_first = 0, None
     for number, record in read_jsonl_records(path, lines):
         if "tokens" in record:
             tokens, tags = record["tokens"], record.get("tags", record.get("ner_tags"))
@@ -178,19 +179,19 @@ def read_jsonl(path: str, lines: list[str]) -> list[NerExample]:
                                 'write {"tokens": [...], "tags": [...]} with equal lengths')
             for tag in tags:
                 _split_tag(str(tag), path, number)
-            examples.append(NerExample([str(word) for word in record["tokens"]], [str(tag) for tag in tags], path, number))
+            yield NerExample([str(word) for word in record["tokens"]], [str(tag) for tag in tags], path, number)
         elif "text" in record and "label" in record:
             words, tags, offsets, dropped = _spans_to_tags(path, number, record)
-            examples.append(NerExample(words, tags, path, number, record["text"], offsets))
-            nested.extend(dropped)
+            yield NerExample(words, tags, path, number, record["text"], offsets)
+            nested_count += len(dropped)
+            nested_first = nested_first or (dropped[0] if dropped else None)
         else:
             raise DataError(path, number, f"unknown record with keys {sorted(record)}",
                             'use {"tokens", "tags"} or CLUENER {"text", "label"}; unlabelled text goes to '
                             "`run_task.py predict`")
-    if nested:
-        print(f"warning: {path}: {len(nested)} entities nested inside another were not tagged (BIO holds one "
-              f"layer; the outer span is kept), e.g. {nested[0]}")
-    return examples
+    if nested_count and warn:
+        print(f"warning: {path}: {nested_count} entities nested inside another were not tagged (BIO holds one "
+              f"layer; the outer span is kept), e.g. {nested_first}")
 
 
 # ---------------------------------------------------------------------------------------------- word split
@@ -397,21 +398,24 @@ class NerTask(Task):
     def problems(self, config) -> list[str]:
         return self.options.problems(config)
 
-    def read(self, path: str) -> list[NerExample]:
-        lines = read_text_lines(path)
-        is_conll = not looks_like_jsonl(lines)  # CoNLL: one word per line, so a word has its own line
-        if is_conll:
-            examples = [NerExample(words, tags, path, line) for words, tags, line in read_conll(path, lines)]
-        else:
-            examples = read_jsonl(path, lines)
-        if not examples:
-            raise DataError(path, None, "no sentences found", "CoNLL: one 'token tag' per line, blank line between "
-                            "sentences; JSONL: one object per line")
+    def stream(self, path: str) -> Iterator[NerExample]:
+        """The file's sentences one at a time, tags converted to IOB2. With --tag_scheme auto a first streaming
+        pass counts the tag prefixes (detect_scheme); memory stays flat either way."""
+        check_text_file(path)  # encoding problems anywhere in the file are reported before parse errors
+        is_conll = not looks_like_jsonl(iter_text_lines(path))  # CoNLL: one word per line
+
+        def parse(warn: bool) -> Iterator[NerExample]:
+            if is_conll:
+                for words, tags, line in read_conll(path, iter_text_lines(path)):
+                    yield NerExample(words, tags, path, line)
+            else:
+                yield from read_jsonl(path, iter_text_lines(path), warn)
+
         scheme = self.options.tag_scheme
         if scheme == "auto":
-            scheme = detect_scheme([example.tags for example in examples])
-        repaired_total = 0
-        for example in examples:
+            scheme = detect_scheme(example.tags for example in parse(warn=False))
+        count = repaired_total = 0
+        for example in parse(warn=True):
             original = example.tags
             example.tags, repaired = to_iob2(example.tags, scheme)
             if repaired and self.options.strict_tags:
@@ -422,10 +426,14 @@ class NerTask(Task):
                                 f"change it to B-{original[word][2:]}, or drop --strict_tags to repair such tags "
                                 "automatically (with a counted warning)")
             repaired_total += len(repaired)
+            count += 1
+            yield example
+        if not count:
+            raise DataError(path, None, "no sentences found", "CoNLL: one 'token tag' per line, blank line between "
+                            "sentences; JSONL: one object per line")
         if repaired_total:
             print(f"warning: {path}: repaired {repaired_total} entities that started with I- (I-X after O) "
                   "to B-X; use --strict_tags to refuse such files")
-        return examples
 
     def from_hub(self, dataset, split: str) -> list[NerExample]:
         names = dataset.features["ner_tags"].feature.names
