@@ -11,17 +11,20 @@ defaults otherwise, no validation set: the last epoch is scored), single-threade
 (every option of a seed runs back to back, so a change of machine load hits the options alike). For each
 comparison (B:A) it prints per-seed paired differences (points = 100 x score), their mean +- standard error and
 the 90 % confidence interval (Student t, n - 1 degrees of freedom), and the ratio of train samples/s. Finished runs
-are reused, so an interrupted A/B resumes where it stopped.
+are reused, so an interrupted A/B resumes where it stopped; each run's model/ and checkpoints are deleted once it is
+scored (about 600 MB a run) unless --keep_models.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
 import random
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -98,6 +101,9 @@ def run_one(name: str, flags: str, seed: int, train_file: str, args) -> dict:
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
         if done.returncode != 0:
             raise SystemExit(f"run failed ({name}, seed {seed}):\n{done.stderr[-3000:]}")
+        if not args.keep_models:  # about 600 MB per run; the scores need only the predictions and metrics
+            for path in [os.path.join(folder, "model"), *glob.glob(os.path.join(folder, "checkpoint-*"))]:
+                shutil.rmtree(path, ignore_errors=True)
     return scores_of(folder, args.minority_label)
 
 
@@ -123,6 +129,7 @@ def main() -> None:
     parser.add_argument("--data_seed", type=int, default=0, help="seed of the training slice (fixed across runs)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each training run")
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "runs", "imbalance_ab"))
+    parser.add_argument("--keep_models", action="store_true", help="keep each run's model/ and checkpoints")
     args = parser.parse_args()
     configs = dict(item.split("=", 1) for item in args.configs)
     train_file = write_slice(args)
