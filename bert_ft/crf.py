@@ -69,15 +69,19 @@ class CRF(nn.Module):
 
     # ------------------------------------------------------------ public API
 
-    def forward(self, emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean negative log-likelihood of `tags` over the batch (scalar, float32)."""
+    def forward(self, emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor,
+                reduction: str = "mean") -> torch.Tensor:
+        """Negative log-likelihood of `tags`: its mean over the batch (scalar, float32), or with reduction "none"
+        one value per sequence (batch,) (0 for an empty one)."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         emissions, mask = self._prepare(emissions, mask)
         if tags.shape != mask.shape:
             raise ValueError(f"tags shape {tuple(tags.shape)} does not match mask shape {tuple(mask.shape)}")
         batch_size, seq_len, _ = emissions.shape
         if batch_size == 0 or seq_len == 0:
             # Mean of nothing would be NaN; keep the graph connected with a zero loss.
-            return emissions.sum() * 0.0
+            return emissions.sum() * 0.0 if reduction == "mean" else emissions.sum((1, 2)) * 0.0
         # Padding positions may hold an ignore index such as -100; make them
         # valid indices. They are masked out of every sum below.
         tags = tags.long().masked_fill(~mask, 0)
@@ -85,7 +89,7 @@ class CRF(nn.Module):
         log_partition = self._log_partition(emissions, mask)  # (batch,)
         # Both terms are 0 for empty rows, so they add exactly 0 loss.
         negative_log_likelihood = log_partition - gold_score  # (batch,)
-        return negative_log_likelihood.mean()
+        return negative_log_likelihood.mean() if reduction == "mean" else negative_log_likelihood
 
     @torch.no_grad()  # argmax paths have no useful gradient; skip building the graph
     def decode(self, emissions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,6 +41,7 @@ from . import __version__
 from .encoder import load_config, load_pretrained, load_tokenizer
 from .errors import UsageError
 from .io import atomic_directory, atomic_write_json
+from .losses import LOSSES, classification_loss
 
 META_FILE = "bert_ft.json"
 HEAD_WEIGHTS = "bert_ft_head.safetensors"
@@ -97,7 +98,8 @@ class Head(nn.Module):
 
     Subclasses set `auto_class` (the transformers Auto class whose `from_pretrained` builds `self.model`),
     optionally `model_kwargs`, list the submodules saved beside the transformers weights in `extra_modules`, and
-    implement `forward(labels=None, decode=False, **batch)` under the batch contract above.
+    implement `forward(labels=None, decode=False, **batch)` under the batch contract above, computing the training
+    loss of class scores with `self.loss(logits, targets)` so that --class_weights and --loss apply to it.
     """
 
     auto_class: ClassVar[Any] = AutoModel
@@ -108,6 +110,26 @@ class Head(nn.Module):
         super().__init__()
         self.model, self.labels, self.options = model, list(labels), dict(options)
         self.temperature = 1.0  # confidences = softmax(scores / temperature); fitted at the end of training
+        # The training loss settings (`set_loss`): not saved with the model (a non-persistent buffer).
+        self.loss_kind, self.focal_gamma = "cross_entropy", 2.0
+        self.register_buffer("class_weights", None, persistent=False)  # (num_labels,) float32 or None
+
+    def set_loss(self, weights: Sequence[float] | None = None, kind: str = "cross_entropy", gamma: float = 2.0) -> None:
+        """The training loss (`--class_weights`, `--loss`, `--focal_gamma`): one weight per label in label order
+        (None: unweighted), "cross_entropy" or "focal", and focal's gamma. A head whose loss cannot take a setting
+        raises UsageError (the CRF refuses focal loss)."""
+        if kind not in LOSSES:
+            raise UsageError(f"--loss: must be one of {', '.join(LOSSES)}, got {kind!r}")
+        if weights is not None and len(weights) != len(self.labels):
+            raise ValueError(f"{len(weights)} class weights for {len(self.labels)} labels")
+        self.loss_kind, self.focal_gamma = kind, float(gamma)
+        device = next(self.parameters()).device
+        self.class_weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss of class `logits` (..., num_labels) against `targets` (...) (-100 = ignore) under the
+        settings of `set_loss`: what every head's forward returns as "loss" (see bert_ft.losses)."""
+        return classification_loss(logits, targets, self.class_weights, self.loss_kind, self.focal_gamma)
 
     @classmethod
     def create(cls, model_path: str, labels: list[str], vocab_size: int | None = None,
@@ -190,7 +212,8 @@ class Head(nn.Module):
 
 class ClassifierHead(Head):
     """A head with one label per example: subclasses compute class logits (examples, num_labels) in `scores`; this
-    base decodes them (soft-max at the head's temperature, argmax) and trains them with cross-entropy."""
+    base decodes them (soft-max at the head's temperature, argmax) and trains them with `Head.loss` (cross-entropy
+    or focal loss, optionally class-weighted)."""
 
     def decode_scores(self, scores: torch.Tensor, batch: dict, temperature: float | None = None) -> dict:
         temperature = self.temperature if temperature is None else temperature
@@ -203,7 +226,7 @@ class ClassifierHead(Head):
             return self.decode_scores(logits, batch)
         if labels is None:
             return {"logits": logits}
-        return {"loss": F.cross_entropy(logits.float(), labels), "logits": logits}
+        return {"loss": self.loss(logits, labels), "logits": logits}
 
 
 def has_score_seam(head: nn.Module) -> bool:

@@ -41,6 +41,7 @@ from .calibration import calibration_section, expected_calibration_error, fit_te
 from .heads import has_score_seam, read_meta, save_model, write_temperature
 from .inference import decode_batches, eval_loader, infer, score_batches
 from .io import atomic_write_json, atomic_write_text
+from .losses import format_weights, label_counts, resolve_class_weights
 from .optim import build_optimizer, format_groups, parameter_groups, set_frozen, unfreeze_all
 from .report import write_plots
 from .task import Evaluation, Features, Task
@@ -375,11 +376,13 @@ class Training:
     adversary: Any
     packing: str  # "on", or why it is off
     epochs: int  # epochs to run: --num_train_epochs, or as many as --max_steps needs
+    class_weights: dict | None = None  # {label: weight} the loss uses (--class_weights), None: unweighted
 
 
 def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Accelerator, log) -> Training:
     model = task.build_model(resolve_model_path(config.model_name_or_path), data.labels, data.tokenizer,
                              config.trust_remote_code)
+    class_weights = set_training_loss(model, task, config, data, log)
     if config.init_from:
         transfer_encoder(model, config.init_from, log)
     set_frozen(model, config.freeze_encoder, config.freeze_layers)
@@ -427,7 +430,29 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
                                 config.adv_steps, config.adv_alpha,
                                 params=[param for param in network.parameters() if param.requires_grad])
     return Training(accelerator, model_, network, optimizer, scheduler, train_loader, eval_loaders, collator,
-                    sampler, adversary, packing, epochs)
+                    sampler, adversary, packing, epochs, class_weights)
+
+
+def set_training_loss(model: torch.nn.Module, task: Task, config: TrainConfig, data: Data, log) -> dict | None:
+    """Resolve --class_weights over the training labels (as `task.labels_of` gives them: NER counts word tags),
+    print them, and hand them with --loss/--focal_gamma to the head (`Head.set_loss`). Returns {label: weight}
+    (None without class weights) for config.json."""
+    if config.class_weights == "none" and config.loss == "cross_entropy":
+        return None  # the default: no pass over the training examples (a million of them on a large corpus)
+    counts = label_counts(task.labels_of(example) for example in data.splits.train)
+    weights = resolve_class_weights(config.class_weights, data.labels, counts, log)
+    if weights is not None:
+        log(f"class weights ({config.class_weights}): label, training count, weight\n"
+            + format_weights(weights, counts))
+    if config.loss != "cross_entropy":
+        log(f"loss: {config.loss} (gamma {config.focal_gamma})")
+    if weights is not None or config.loss != "cross_entropy":
+        if not hasattr(model, "set_loss"):
+            raise UsageError(f"--class_weights/--loss: the {task.name} task's head ({type(model).__name__}) is not a "
+                             "bert_ft.heads.Head and cannot take loss settings; use the defaults")
+        model.set_loss(None if weights is None else [weights[label] for label in data.labels], config.loss,
+                       config.focal_gamma)
+    return weights
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -695,7 +720,7 @@ def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict
         atomic_write_json(os.path.join(config.output_dir, "config.json"),
                           {"task": task.name, **to_dict(config), **to_dict(task.options),
                            "max_seq_length": data.max_seq_length, "precision": precision,
-                           "packing": training.packing,
+                           "packing": training.packing, "class_weights_resolved": training.class_weights,
                            "resolved_model_path": resolve_model_path(config.model_name_or_path),
                            "num_processes": accelerator.num_processes, "labels": data.labels})
 

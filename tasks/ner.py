@@ -13,7 +13,6 @@ from seqeval.metrics import classification_report, f1_score, precision_score, re
 from seqeval.metrics.sequence_labeling import get_entities
 from seqeval.scheme import IOB2
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForTokenClassification
 
@@ -21,12 +20,16 @@ from bert_ft.config import flag
 from bert_ft.crf import CRF, iob2_transition_mask
 from bert_ft.data import (best_window_per_word, check_text_file, iter_text_lines, looks_like_jsonl, read_jsonl_records,
                           special_tokens_around, word_windows)
-from bert_ft.errors import DataError
+from bert_ft.errors import DataError, UsageError
 from bert_ft.heads import Head, encoder_inputs, example_tokens
 from bert_ft.io import atomic_write_lines
+from bert_ft.losses import sequence_weights, weighted_mean
 from bert_ft.metrics import format_table
 from bert_ft.task import Evaluation, Features, Task, sample_path
 SCHEMES = ("auto", "iob1", "iob2", "iobes")
+FOCAL_WITH_CRF = ("--loss focal: not defined with --crf (the CRF's loss is the likelihood of the whole tag "
+                  "sequence, not a probability per word to focus on); use --loss cross_entropy with --crf "
+                  "(--class_weights works with both heads), or drop --crf")
 
 
 @dataclass
@@ -37,9 +40,12 @@ class NerOptions:
     strict_tags: bool = flag(False, "refuse IOB2 files with I-X after O (default: repair them with a warning)")
 
     def problems(self, config) -> list[str]:
+        found = []
         if self.doc_stride < 0:
-            return [f"--doc_stride: must be >= 0, got {self.doc_stride}"]
-        return []
+            found.append(f"--doc_stride: must be >= 0, got {self.doc_stride}")
+        if self.crf and getattr(config, "loss", "cross_entropy") == "focal":
+            found.append(FOCAL_WITH_CRF)
+        return found
 
 
 @dataclass
@@ -292,11 +298,32 @@ class TokenTagger(Head):
         if labels is None:
             return {"logits": logits}
         if self.crf is None:  # every labelled token of every example, wherever it sits in the rows
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            loss = self.loss(logits, labels)
         else:
             emissions, word_labels, word_mask, _ = self._word_emissions(logits, word_starts, batch, labels)
-            loss = self.crf(emissions, word_labels.clamp(min=0), word_mask)
+            loss = self.crf_loss(emissions, word_labels.clamp(min=0), word_mask)
         return {"loss": loss, "logits": logits}
+
+    def set_loss(self, weights=None, kind: str = "cross_entropy", gamma: float = 2.0) -> None:
+        if self.crf is not None and kind == "focal":
+            raise UsageError(FOCAL_WITH_CRF)
+        super().set_loss(weights, kind, gamma)
+
+    def crf_loss(self, emissions: torch.Tensor, tags: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """The CRF's training loss: the mean negative log-likelihood of the examples' gold tag sequences; with class
+        weights, a weighted mean in which each example's weight is the mean class weight of its gold word tags:
+
+            loss = sum_s w_s * NLL_s / sum_s w_s,   w_s = mean over the words t of s of weight[tag_t]
+
+        The CRF's likelihood is one normalised score of the whole tag sequence, so no per-word loss exists to weight
+        as the linear head does; weighting whole sentences keeps it a (weighted) maximum-likelihood objective,
+        leaves the transitions and the partition function as they are, equals the unweighted loss when every
+        weight is the same, and raises the share of the sentences that hold rare tags in proportion to how many of
+        their words carry them."""
+        if self.class_weights is None:
+            return self.crf(emissions, tags, word_mask)
+        nll = self.crf(emissions, tags, word_mask, reduction="none")  # (examples,)
+        return weighted_mean(nll, sequence_weights(self.class_weights, tags, word_mask))
 
     @staticmethod
     def _word_emissions(logits: torch.Tensor, word_starts: torch.Tensor, batch: dict,
