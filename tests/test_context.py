@@ -239,10 +239,10 @@ def test_model_never_labels_or_predicts_context_tokens(tiny_model_dir, tokenizer
         assert (pred[~starts] == -1).all() and (score[~starts] == 0).all()  # context: no prediction, no score
         assert (pred[starts] >= 0).all()
     if crf:  # the CRF runs over the sentence's words only: its word sequence has exactly the window's words
-        emissions, word_labels, word_mask, _ = model._word_emissions(model.scores(batch), batch["word_starts"],
+        _, word_labels, word_mask, _ = model._word_emissions(model.scores(batch), batch["word_starts"],
                                                                       batch, batch["labels"])
         assert word_mask.sum(dim=1).tolist() == [end - start for start, end in features.meta]
-        for row, (feature, (start, end)) in enumerate(zip(features.inputs, features.meta)):
+        for row, (start, end) in enumerate(features.meta):
             gold = [labels.index(tag) for tag in examples[features.example_index[row]].tags[start:end]]
             assert word_labels[row, :end - start].tolist() == gold
 
@@ -260,8 +260,8 @@ def train_city_tagger(tiny_model_dir: str, output_dir: str, train: str, context_
 @pytest.mark.parametrize("crf", [False, True])
 def test_predict_on_a_document_equals_evaluation_on_the_same_sentences(tiny_model_dir, tmp_path, crf):
     """Train with context (saved in the model folder), evaluate on a CoNLL document, then predict on the same
-    sentences as lines of one document: the same tags for every word (windows included: some sentences are
-    longer than max_seq_length)."""
+    sentences as lines of one document: the same entities in every sentence (windows included: some sentences
+    are longer than max_seq_length)."""
     documents = [document_sentences(12, seed=5, longest=40), document_sentences(9, seed=6)]
     train = write(tmp_path, "doc.txt", conll(documents))
     output_dir = str(tmp_path / "run")
