@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
 import random
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -15,13 +16,96 @@ from .errors import DataError
 
 
 def read_text_lines(path: str) -> list[str]:
-    """All lines of a UTF-8 text file (a BOM and CRLF endings are accepted); clear errors otherwise."""
+    """All lines of a UTF-8 text file (a BOM and CRLF endings are accepted); clear errors otherwise. For small
+    inputs (predict files); training data goes through the streaming `iter_text_lines`."""
+    return list(iter_text_lines(path))
+
+
+SNIFF_BYTES = 1 << 20  # the first MiB shows a UTF-16/32 file's byte pattern
+
+
+def iter_text_lines(path: str) -> Iterator[str]:
+    """The lines of a UTF-8 text file, one at a time (memory stays flat for any file size): a BOM and CRLF endings
+    are accepted; a missing or empty file, UTF-16/32, NUL bytes and invalid UTF-8 raise a DataError naming the line.
+
+    Lines are split on "\n" only: str.splitlines would also break inside JSON strings at U+2028, U+0085 and friends.
+    """
     if not os.path.isfile(path):
         raise DataError(path, None, "file not found", "check the path (relative paths start at the current folder)")
     with open(path, "rb") as handle:
-        raw = handle.read()
+        head = handle.read(SNIFF_BYTES)
+        _check_head(path, head)
+        handle.seek(0)
+        offset, seen_text = 0, False
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, offset = raw[3:], 3
+            if b"\x00" in raw:
+                raise DataError(path, number, f"binary file or NUL byte at line {number}",
+                                "re-save as UTF-8 text (a NUL byte never belongs in a text file)")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                where = offset + error.start
+                raise DataError(path, number, f"not valid UTF-8 (byte {raw[error.start]:#04x} at offset {where})",
+                                "re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out`") from None
+            offset += len(raw)
+            if line.endswith("\n"):
+                line = line[:-1]
+            if line.endswith("\r"):
+                line = line[:-1]
+            seen_text = seen_text or bool(line.strip())
+            yield line
+        if not seen_text:
+            if offset == 0:
+                raise DataError(path, None, "the file is empty", "give a file with at least one example")
+            raise DataError(path, None, "the file is empty (it holds only whitespace)",
+                            "give a file with at least one example")
+
+
+def check_text_file(path: str) -> None:
+    """Raise the DataError `iter_text_lines` would raise anywhere in the file, before any line is parsed: a fast
+    pass in 1 MiB chunks, so a file-level problem (UTF-16, a NUL byte, bad UTF-8) is reported as such and not as
+    whatever parse error its first damaged line causes."""
+    if not os.path.isfile(path):
+        raise DataError(path, None, "file not found", "check the path (relative paths start at the current folder)")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines_before = 0
+    seen_text = False
+    with open(path, "rb") as handle:
+        chunk = handle.read(SNIFF_BYTES)
+        _check_head(path, chunk)
+        if chunk.startswith(b"\xef\xbb\xbf"):
+            chunk, offset = chunk[3:], 3
+        while chunk:
+            if b"\x00" in chunk:
+                line = lines_before + chunk[:chunk.index(b"\x00")].count(b"\n") + 1
+                raise DataError(path, line, f"binary file or NUL byte at line {line}",
+                                "re-save as UTF-8 text (a NUL byte never belongs in a text file)")
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError:
+                # Locate the bad byte exactly by decoding the chunk's lines (the error may start in the last chunk).
+                for line in iter_text_lines(path):
+                    pass
+            seen_text = seen_text or bool(chunk.strip())
+            lines_before += chunk.count(b"\n")
+            offset += len(chunk)
+            chunk = handle.read(SNIFF_BYTES)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            for line in iter_text_lines(path):
+                pass
+    if not seen_text:
+        for line in iter_text_lines(path):  # raises the empty-file message
+            pass
+
+
+def _check_head(path: str, raw: bytes) -> None:
+    """Refuse UTF-16/32 files (with or without a byte-order mark) from the file's first bytes."""
     if not raw.strip():
-        raise DataError(path, None, "the file is empty", "give a file with at least one example")
+        return  # empty or whitespace only: said after reading, with the lines
     for bom, encoding in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
                           (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
         if raw.startswith(bom):
@@ -34,26 +118,14 @@ def read_text_lines(path: str) -> list[str]:
             raise DataError(path, None, "the file looks like UTF-16 without a byte-order mark (a NUL byte in every "
                             "other position), not UTF-8",
                             "convert it to UTF-8, e.g. `iconv -f UTF-16LE -t UTF-8 in > out` (or UTF-16BE)")
-        line = raw[:raw.index(b"\x00")].count(b"\n") + 1
-        raise DataError(path, line, f"binary file or NUL byte at line {line}",
-                        "re-save as UTF-8 text (a NUL byte never belongs in a text file)")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise DataError(path, line, f"not valid UTF-8 (byte {raw[error.start]:#04x} at offset {error.start})",
-                        "re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out`") from None
-    if not text.strip():
-        raise DataError(path, None, "the file is empty (it holds only whitespace)",
-                        "give a file with at least one example")
-    # Split on "\n" only: str.splitlines would also break inside JSON strings at U+2028, U+0085 and friends.
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def read_jsonl_records(path: str, lines: list[str]) -> Iterator[tuple[int, dict]]:
+def first_content_line(lines: Iterable[str]) -> str:
+    """The first non-blank line (what format detection looks at)."""
+    return next((line for line in lines if line.strip()), "")
+
+
+def read_jsonl_records(path: str, lines: Iterable[str]) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON Lines file; clear errors for anything else."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -309,7 +381,7 @@ def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
     raise ValueError(f"cannot locate the special tokens of {type(tokenizer).__name__}")
 
 
-def looks_like_jsonl(lines: Sequence[str]) -> bool:
-    """JSON Lines or not, by the first non-blank line: a JSON object starts with "{" (CoNLL, SemEval, TSV never do)."""
-    first = next((line for line in lines if line.strip()), "")
-    return first.lstrip().startswith("{")
+def looks_like_jsonl(lines: Iterable[str]) -> bool:
+    """JSON Lines or not, by the first non-blank line: a JSON object starts with "{" (CoNLL, SemEval, TSV never do).
+    Reads only up to that line (give it `iter_text_lines(path)` for a file)."""
+    return first_content_line(lines).lstrip().startswith("{")

@@ -5,7 +5,7 @@ The core (reading, encoding, the training loop, evaluation, predict, saving) cal
 in `pad_values`. A task lives in its own module (the shipped ones in `tasks/`, others anywhere: see
 `bert_ft.plugins`), owns its head class (`head_type`, a `bert_ft.heads.Head`) and is listed in one registry dict.
 
-What a new task writes: `read` (file -> examples), `labels_of`, `build_labels`, `encode` (examples -> Features),
+What a new task writes: `read` or `stream` (file -> examples), `labels_of`, `build_labels`, `encode` (examples -> Features),
 `evaluate` (outputs -> Evaluation), `input_examples` + `results` (raw predict inputs -> JSON-ready dicts), and a
 Head subclass. A label-set task (one label per example) subclasses `ClassificationTask`, which already has
 `labels_of`, `build_labels`, the per-example merge, scoring helpers and `write_predictions`.
@@ -17,7 +17,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 from .errors import UsageError
 from .io import atomic_write_lines
@@ -103,6 +103,8 @@ class Task:
             return
         missing = [name for name in REQUIRED_ATTRIBUTES if not hasattr(cls, name)]
         missing += [f"{name}()" for name in REQUIRED_METHODS if getattr(cls, name) is getattr(Task, name)]
+        if cls.read is Task.read and cls.stream is Task.stream:
+            missing.append("read() or stream()")
         if missing:
             raise TypeError(f"task class {cls.__module__}.{cls.__name__} must define {', '.join(missing)} "
                             "(see bert_ft.task.Task)")
@@ -118,8 +120,14 @@ class Task:
         return {split: self.samples.get(split) for split in ("train", "validation", "test")}
 
     def read(self, path: str) -> list[Any]:
-        """Parse one data file into examples; raise DataError naming file, line, problem and fix."""
-        raise NotImplementedError
+        """Parse one data file into examples; raise DataError naming file, line, problem and fix. A task
+        implements this or `stream`; the default collects `stream`."""
+        return list(self.stream(path))
+
+    def stream(self, path: str) -> Iterator[Any]:
+        """The file's examples one at a time (what the data layer writes to its Arrow cache: a task that streams
+        keeps memory flat for any corpus size). The default iterates `read`."""
+        return iter(self.read(path))
 
     def from_hub(self, dataset: Any, split: str) -> list[Any]:
         """Convert a `datasets` split (from --dataset_name) into examples."""
@@ -246,5 +254,5 @@ def sample_path(module_file: str, name: str) -> str:
 
 
 REQUIRED_ATTRIBUTES = ("name", "description", "metric", "predictions_file", "head_type")
-REQUIRED_METHODS = ("read", "labels_of", "build_labels", "encode", "evaluate", "write_predictions", "input_examples",
+REQUIRED_METHODS = ("labels_of", "build_labels", "encode", "evaluate", "write_predictions", "input_examples",
                     "results")

@@ -19,7 +19,7 @@ from transformers import AutoModelForTokenClassification
 
 from bert_ft.config import flag
 from bert_ft.crf import CRF, iob2_transition_mask
-from bert_ft.data import (best_window_per_word, looks_like_jsonl, read_jsonl_records, read_text_lines,
+from bert_ft.data import (best_window_per_word, check_text_file, iter_text_lines, looks_like_jsonl, read_jsonl_records,
                           special_tokens_around, word_windows)
 from bert_ft.errors import DataError, UsageError
 from bert_ft.heads import Head, encoder_inputs, example_tokens
@@ -75,7 +75,7 @@ def _split_tag(tag: str, path: str, line: int) -> tuple[str, str]:
     return prefix, entity_type
 
 
-def detect_scheme(sentences: list[list[str]]) -> str:
+def detect_scheme(sentences: Iterable[list[str]]) -> str:
     """IOBES if E-/S- occur; IOB1 if most entities start with I- (B- only separates neighbours); else IOB2."""
     prefixes = Counter()
     starts_with_inside = 0
@@ -111,15 +111,15 @@ def to_iob2(tags: list[str], scheme: str) -> tuple[list[str], list[int]]:
 
 # -------------------------------------------------------------------------------------------------- readers
 
-def read_conll(path: str, lines: list[str]) -> list[tuple[list[str], list[str], int, int | None]]:
-    """(words, tags, first line, document) per sentence; token in the first column, tag in the last. Each
+def read_conll(path: str, lines: Iterable[str]) -> Iterator[tuple[list[str], list[str], int, int | None]]:
+    """(words, tags, first line, document) per sentence, streamed; token in the first column, tag in the last. Each
     `-DOCSTART-` line starts a new document (0, 1, ...); sentences before the first one have document None."""
-    sentences, words, tags, first_line, document = [], [], [], 0, None
+    words, tags, first_line, document = [], [], 0, None
     for number, line in enumerate(lines, start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("-DOCSTART-"):
             if words:
-                sentences.append((words, tags, first_line, document))
+                yield words, tags, first_line, document
                 words, tags = [], []
             if stripped:
                 document = 0 if document is None else document + 1
@@ -134,8 +134,7 @@ def read_conll(path: str, lines: list[str]) -> list[tuple[list[str], list[str], 
         words.append(columns[0])
         tags.append(columns[-1])
     if words:
-        sentences.append((words, tags, first_line, document))
-    return sentences
+        yield words, tags, first_line, document
 
 
 def _spans_to_tags(path: str, number: int, record: dict) -> tuple[list[str], list[str], list[tuple[int, int]], list[str]]:
@@ -208,8 +207,10 @@ def _doc_id(record: dict, path: str, number: int) -> str | int | None:
     return doc_id
 
 
-def read_jsonl(path: str, lines: list[str]) -> list[NerExample]:
-    examples, nested, documents = [], [], DocumentGrouper()
+def read_jsonl(path: str, lines: Iterable[str], warn: bool = True) -> Iterator[NerExample]:
+    """NerExamples from JSON Lines, streamed; nested CLUENER entities are counted and warned about at the end.
+    A `doc_id` groups consecutive records into a document (see DocumentGrouper)."""
+    nested_count, nested_first, documents = 0, None, DocumentGrouper()
     for number, record in read_jsonl_records(path, lines):
         document = documents(_doc_id(record, path, number))
         if "tokens" in record:
@@ -222,20 +223,20 @@ def read_jsonl(path: str, lines: list[str]) -> list[NerExample]:
                                 'write {"tokens": [...], "tags": [...]} with equal lengths')
             for tag in tags:
                 _split_tag(str(tag), path, number)
-            examples.append(NerExample([str(word) for word in record["tokens"]], [str(tag) for tag in tags], path, number,
-                                       document=document))
+            yield NerExample([str(word) for word in record["tokens"]], [str(tag) for tag in tags], path, number,
+                             document=document)
         elif "text" in record and "label" in record:
             words, tags, offsets, dropped = _spans_to_tags(path, number, record)
-            examples.append(NerExample(words, tags, path, number, record["text"], offsets, document))
-            nested.extend(dropped)
+            yield NerExample(words, tags, path, number, record["text"], offsets, document)
+            nested_count += len(dropped)
+            nested_first = nested_first or (dropped[0] if dropped else None)
         else:
             raise DataError(path, number, f"unknown record with keys {sorted(record)}",
                             'use {"tokens", "tags"} or CLUENER {"text", "label"}; unlabelled text goes to '
                             "`run_task.py predict`")
-    if nested:
-        print(f"warning: {path}: {len(nested)} entities nested inside another were not tagged (BIO holds one "
-              f"layer; the outer span is kept), e.g. {nested[0]}")
-    return examples
+    if nested_count and warn:
+        print(f"warning: {path}: {nested_count} entities nested inside another were not tagged (BIO holds one "
+              f"layer; the outer span is kept), e.g. {nested_first}")
 
 
 def with_document_context(examples: Iterable[NerExample], context_size: int) -> Iterator[NerExample]:
@@ -477,22 +478,30 @@ class NerTask(Task):
     def problems(self, config) -> list[str]:
         return self.options.problems(config)
 
-    def read(self, path: str) -> list[NerExample]:
-        lines = read_text_lines(path)
-        is_conll = not looks_like_jsonl(lines)  # CoNLL: one word per line, so a word has its own line
-        if is_conll:
-            examples = [NerExample(words, tags, path, line, document=document)
-                        for words, tags, line, document in read_conll(path, lines)]
-        else:
-            examples = read_jsonl(path, lines)
-        if not examples:
-            raise DataError(path, None, "no sentences found", "CoNLL: one 'token tag' per line, blank line between "
-                            "sentences; JSONL: one object per line")
+    def stream(self, path: str) -> Iterator[NerExample]:
+        """The file's sentences one at a time, tags converted to IOB2. With --tag_scheme auto a first streaming
+        pass counts the tag prefixes (detect_scheme); memory stays flat either way. With --context_size each
+        sentence gets its document context on the way (`with_document_context` buffers one document)."""
+        sentences = self._sentences(path)
+        return with_document_context(sentences, self.options.context_size) if self.options.context_size \
+            else sentences
+
+    def _sentences(self, path: str) -> Iterator[NerExample]:
+        check_text_file(path)  # encoding problems anywhere in the file are reported before parse errors
+        is_conll = not looks_like_jsonl(iter_text_lines(path))  # CoNLL: one word per line
+
+        def parse(warn: bool) -> Iterator[NerExample]:
+            if is_conll:
+                for words, tags, line, document in read_conll(path, iter_text_lines(path)):
+                    yield NerExample(words, tags, path, line, document=document)
+            else:
+                yield from read_jsonl(path, iter_text_lines(path), warn)
+
         scheme = self.options.tag_scheme
         if scheme == "auto":
-            scheme = detect_scheme([example.tags for example in examples])
-        repaired_total = 0
-        for example in examples:
+            scheme = detect_scheme(example.tags for example in parse(warn=False))
+        count = repaired_total = 0
+        for example in parse(warn=True):
             original = example.tags
             example.tags, repaired = to_iob2(example.tags, scheme)
             if repaired and self.options.strict_tags:
@@ -503,12 +512,14 @@ class NerTask(Task):
                                 f"change it to B-{original[word][2:]}, or drop --strict_tags to repair such tags "
                                 "automatically (with a counted warning)")
             repaired_total += len(repaired)
+            count += 1
+            yield example
+        if not count:
+            raise DataError(path, None, "no sentences found", "CoNLL: one 'token tag' per line, blank line between "
+                            "sentences; JSONL: one object per line")
         if repaired_total:
             print(f"warning: {path}: repaired {repaired_total} entities that started with I- (I-X after O) "
                   "to B-X; use --strict_tags to refuse such files")
-        if self.options.context_size:
-            examples = list(with_document_context(examples, self.options.context_size))
-        return examples
 
     def from_hub(self, dataset, split: str) -> list[NerExample]:
         names = dataset.features["ner_tags"].feature.names

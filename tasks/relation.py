@@ -13,12 +13,13 @@ import re
 import textwrap
 from collections import Counter
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from bert_ft.config import flag
-from bert_ft.data import looks_like_jsonl, read_jsonl_records, read_text_lines, special_tokens_around
+from bert_ft.data import check_text_file, iter_text_lines, looks_like_jsonl, read_jsonl_records, special_tokens_around
 from bert_ft.errors import DataError, UsageError
 from bert_ft.heads import ClassifierHead, encoder_inputs, example_positions, example_tokens
 from bert_ft.metrics import confusion_matrix, format_confusion, format_table, relation_type, semeval_official_score
@@ -173,43 +174,65 @@ def _record_start(line: str) -> tuple[str, str] | None:
     return (match.group(1), _unquote(match.group(2))) if match else None
 
 
-def read_semeval(path: str, lines: list[str]) -> list[RelationExample]:
-    """The SemEval-2010 Task 8 release layout (TRAIN_FILE.TXT, TEST_FILE_FULL.TXT)."""
-    examples, index, count = [], 0, len(lines)
-    while index < count:
-        if not lines[index].strip():
-            index += 1
+def read_semeval(path: str, lines: Iterable[str]) -> Iterator[RelationExample]:
+    """The SemEval-2010 Task 8 release layout (TRAIN_FILE.TXT, TEST_FILE_FULL.TXT), streamed: a record is its
+    start line, a label line, an optional Comment line and a blank line."""
+    window = _Lookahead(lines)
+    while window.get(0) is not None:
+        if not window.get(0).strip():
+            window.advance(1)
             continue
-        number = index + 1
-        start = _record_start(lines[index])
+        number = window.number
+        start = _record_start(window.get(0))
         if start is None:
             raise DataError(path, number, f"record structure broken: expected a record start "
-                            f"'ID<TAB>\"sentence\"', got {_excerpt(lines[index])}", _FORMAT_FIX)
+                            f"'ID<TAB>\"sentence\"', got {_excerpt(window.get(0))}", _FORMAT_FIX)
         record_id, sentence = start
         check_markers(sentence, path, number)
-        label_index = index + 1
-        label_line = lines[label_index].strip() if label_index < count else ""
+        raw_label = window.get(1)
+        label_line = raw_label.strip() if raw_label is not None else ""
         if (not label_line or label_line.lower().startswith("comment")
-                or _record_start(lines[label_index])):  # a label never holds a tab or a quoted sentence
-            what = "the file ends" if label_index >= count else f"line {label_index + 1} is {_excerpt(label_line)}"
+                or _record_start(raw_label)):  # a label never holds a tab or a quoted sentence
+            what = "the file ends" if raw_label is None else f"line {number + 1} is {_excerpt(label_line)}"
             raise DataError(path, number, f"missing label: record {record_id} has no label line ({what})",
                             _FORMAT_FIX + "; unlabelled text goes to `run_task.py predict`")
         if MARKER_PATTERN.search(label_line):
-            raise DataError(path, label_index + 1, f"record structure broken: expected the label of record "
+            raise DataError(path, number + 1, f"record structure broken: expected the label of record "
                             f"{record_id} (line {number}), got {_excerpt(label_line)}", _FORMAT_FIX)
-        next_index = label_index + 1
-        if next_index < count and lines[next_index].strip().lower().startswith("comment"):
-            next_index += 1
-        if next_index < count and lines[next_index].strip():
-            raise DataError(path, next_index + 1, f"record structure broken: expected a blank line ending record "
-                            f"{record_id} (line {number}), got {_excerpt(lines[next_index])}", _FORMAT_FIX)
-        examples.append(RelationExample(record_id, sentence, label_line, path, number))
-        index = next_index
-    return examples
+        after = 2
+        if window.get(after) is not None and window.get(after).strip().lower().startswith("comment"):
+            after += 1
+        if window.get(after) is not None and window.get(after).strip():
+            raise DataError(path, number + after, f"record structure broken: expected a blank line ending record "
+                            f"{record_id} (line {number}), got {_excerpt(window.get(after))}", _FORMAT_FIX)
+        yield RelationExample(record_id, sentence, label_line, path, number)
+        window.advance(after)
 
 
-def read_jsonl(path: str, lines: list[str]) -> list[RelationExample]:
-    return [example_from_record(record, path, number) for number, record in read_jsonl_records(path, lines)]
+class _Lookahead:
+    """A line iterator that can look a few lines ahead: `get(k)` is the line k after the current one (None past
+    the end), `number` the current line's 1-based number."""
+
+    def __init__(self, lines: Iterable[str]) -> None:
+        self.lines, self.buffer, self.number = iter(lines), [], 1
+
+    def get(self, ahead: int) -> str | None:
+        while len(self.buffer) <= ahead:
+            line = next(self.lines, None)
+            if line is None:
+                return None
+            self.buffer.append(line)
+        return self.buffer[ahead]
+
+    def advance(self, count: int) -> None:
+        self.get(count - 1)
+        del self.buffer[:count]
+        self.number += count
+
+
+def read_jsonl(path: str, lines: Iterable[str]) -> Iterator[RelationExample]:
+    for number, record in read_jsonl_records(path, lines):
+        yield example_from_record(record, path, number)
 
 
 # ------------------------------------------------------------------------------------------ long inputs
@@ -344,12 +367,15 @@ class RelationTask(ClassificationTask):
     # No shipped dev file: the core keeps the last epoch, or --validation_split carves a seeded dev set.
     samples = {"train": sample_path(__file__, "relation_train.txt"), "test": sample_path(__file__, "relation_test.txt")}
 
-    def read(self, path: str) -> list[RelationExample]:
-        lines = read_text_lines(path)
-        examples = read_jsonl(path, lines) if looks_like_jsonl(lines) else read_semeval(path, lines)
-        if not examples:
+    def stream(self, path: str) -> Iterator[RelationExample]:
+        check_text_file(path)  # encoding problems anywhere in the file are reported before parse errors
+        reader = read_jsonl if looks_like_jsonl(iter_text_lines(path)) else read_semeval
+        count = 0
+        for example in reader(path, iter_text_lines(path)):
+            count += 1
+            yield example
+        if not count:
             raise DataError(path, None, "no examples found", _FORMAT_FIX)
-        return examples
 
     def from_hub(self, dataset, split: str) -> list[RelationExample]:
         """The Hub `sem_eval_2010_task_8` layout: columns `sentence` (marked) and `relation` (class ids)."""

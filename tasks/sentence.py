@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import os
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from bert_ft.config import flag
-from bert_ft.data import looks_like_jsonl, read_jsonl_records, read_text_lines
+from bert_ft.data import check_text_file, first_content_line, iter_text_lines, read_jsonl_records
 from bert_ft.errors import DataError
 from bert_ft.heads import (ClassifierHead, check_batch, encoder_inputs, example_positions, full_top_layer,
                            is_packed, read_first_token_only)
@@ -60,14 +60,7 @@ class SentenceExample:
 
 # -------------------------------------------------------------------------------------------------- readers
 
-def _read_text(path: str) -> str:
-    """The whole file as text with its original line breaks (read_text_lines gives the clear errors)."""
-    read_text_lines(path)  # file not found / empty / not UTF-8
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        return handle.read()
-
-
-def _format(path: str, text: str) -> str:
+def _format(path: str) -> str:
     """"jsonl", "tsv" or "csv" (delimiter ','/';'/'|'): by extension, else by the first non-blank line."""
     extension = os.path.splitext(path)[1].lower()
     if extension in (".jsonl", ".json", ".ndjson"):
@@ -76,9 +69,9 @@ def _format(path: str, text: str) -> str:
         return "tsv"
     if extension == ".csv":
         return ","
-    if looks_like_jsonl(text.split("\n")):
+    first = first_content_line(iter_text_lines(path))
+    if first.lstrip().startswith("{"):
         return "jsonl"
-    first = next((line for line in text.splitlines() if line.strip()), "")
     if "\t" in first:
         return "tsv"
     try:
@@ -99,14 +92,28 @@ def _missing_column(path: str, line: int, kind: str, name: str, found: list[str]
 ID_NAMES = {"id", "idx", "index", "guid", "uid", "row_id", "example_id"}
 
 
-def _is_identifier(name: str, values: list | None) -> bool:
+def _is_identifier(name: str, integer_columns: set[str] | None) -> bool:
     """An id column: named like one (id, idx, index, ..._id), or (delimited files) unique integers on every row."""
     folded = name.strip().lower()
-    if folded in ID_NAMES or folded.endswith("_id"):
-        return True
-    if not values or not all(isinstance(value, str) and INTEGER.fullmatch(value.strip()) for value in values):
-        return False
-    return len({_integer_key(value) for value in values}) == len(values)
+    return folded in ID_NAMES or folded.endswith("_id") or name in (integer_columns or ())
+
+
+def _unique_integer_columns(records: Iterable[dict], names: list[str]) -> tuple[set[str], int]:
+    """(the columns whose value is a distinct integer on every row, rows seen), in one streaming pass (only the
+    integer keys of the columns still in the running are kept)."""
+    alive, seen, count = set(names), {name: set() for name in names}, 0
+    for record in records:
+        count += 1
+        for name in list(alive):
+            value = record[name]
+            if not (isinstance(value, str) and INTEGER.fullmatch(value.strip())):
+                alive.discard(name)
+                continue
+            key = _integer_key(value)
+            if key in seen[name]:
+                alive.discard(name)
+            seen[name].add(key)
+    return (alive if count else set()), count
 
 
 def _integer_key(value: str) -> tuple[bool, str]:
@@ -147,7 +154,7 @@ class _Columns:
         elif not defer:
             self.infer(None)
 
-    def infer(self, rows: list[dict] | None) -> None:
+    def infer(self, integer_columns: set[str] | None) -> None:
         """Text (and text pair) from the non-label columns in header order, identifier columns skipped; a clear
         refusal when that is ambiguous. Prints the choice."""
         pair = self.options.text_pair_column
@@ -156,7 +163,7 @@ class _Columns:
         for name in self.header:
             if name in (self.label, self.id, pair):
                 continue
-            if _is_identifier(name, [row[name] for row in rows] if rows else None):
+            if _is_identifier(name, integer_columns):
                 skipped.append(name)
             else:
                 candidates.append(name)
@@ -206,50 +213,66 @@ def _example(record: dict, columns: _Columns, path: str, line: int, ordinal: int
                            values.get("second text"))
 
 
-def read_delimited(path: str, text: str, delimiter: str, options: SentenceOptions) -> list[SentenceExample]:
-    """TSV (GLUE style: no quoting, a quote is text) or CSV (RFC 4180 quoting) with a header row."""
-    if delimiter == "tsv":
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE, strict=True)
-        name = "TSV"
-    else:
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-        name = "CSV" if delimiter == "," else f"{delimiter!r}-separated"
-    columns, header_line, rows = None, 0, []
-    line = 1
-    try:
-        for row in reader:
-            line_of_row, line = line, reader.line_num + 1  # a quoted CSV field may span several lines
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if columns is None:
-                header, header_line = [cell.strip() for cell in row], line_of_row
-                repeated = sorted({name for name in header if header.count(name) > 1})
-                if repeated:
-                    raise DataError(path, header_line, f"the header repeats the column name(s) {repeated}",
-                                    "give every column a distinct name")
-                columns = _Columns(options, header, path, header_line, defer=True)
-                continue
-            if len(row) != len(columns.header):
-                raise DataError(path, line_of_row, f"expected {len(columns.header)} {name} fields "
-                                f"({', '.join(columns.header)}), got {len(row)}: {_preview(row)}",
-                                _field_fix(delimiter))
-            rows.append((line_of_row, dict(zip(columns.header, row))))
-    except csv.Error as error:
-        if "field limit" in str(error):  # usually an unclosed quote that swallowed the rest of the file
-            raise DataError(path, line, f"a {name} field longer than {csv.field_size_limit()} characters in the row "
-                            "starting here" + (" (an unclosed quote?)" if delimiter != "tsv" else ""),
-                            "close the quote that opens the field (double any quote inside it)" if delimiter != "tsv"
-                            else "split the text: one row per example, a tab between the fields") from None
-        raise DataError(path, reader.line_num, f"malformed {name} ({error})", _field_fix(delimiter)) from None
-    if columns is None:
-        return []
-    if not rows:
+def _delimited_rows(path: str, delimiter: str, options: SentenceOptions
+                    ) -> Iterator[tuple[str, int, list[str] | None]]:
+    """("header", line, cells) once, then ("row", line, cells) per non-blank row, streamed from the file."""
+    name = "TSV" if delimiter == "tsv" else ("CSV" if delimiter == "," else f"{delimiter!r}-separated")
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        if delimiter == "tsv":
+            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE, strict=True)
+        else:
+            reader = csv.reader(handle, delimiter=delimiter, strict=True)
+        header, line = None, 1
+        try:
+            for row in reader:
+                line_of_row, line = line, reader.line_num + 1  # a quoted CSV field may span several lines
+                if not row or all(not cell.strip() for cell in row):
+                    continue
+                if header is None:
+                    header = [cell.strip() for cell in row]
+                    yield "header", line_of_row, header
+                    continue
+                if len(row) != len(header):
+                    raise DataError(path, line_of_row, f"expected {len(header)} {name} fields "
+                                    f"({', '.join(header)}), got {len(row)}: {_preview(row)}", _field_fix(delimiter))
+                yield "row", line_of_row, row
+        except csv.Error as error:
+            if "field limit" in str(error):  # usually an unclosed quote that swallowed the rest of the file
+                raise DataError(path, line, f"a {name} field longer than {csv.field_size_limit()} characters in the "
+                                "row starting here" + (" (an unclosed quote?)" if delimiter != "tsv" else ""),
+                                "close the quote that opens the field (double any quote inside it)"
+                                if delimiter != "tsv" else
+                                "split the text: one row per example, a tab between the fields") from None
+            raise DataError(path, reader.line_num, f"malformed {name} ({error})", _field_fix(delimiter)) from None
+
+
+def read_delimited(path: str, delimiter: str, options: SentenceOptions) -> Iterator[SentenceExample]:
+    """TSV (GLUE style: no quoting, a quote is text) or CSV (RFC 4180 quoting) with a header row, streamed. When
+    the text column must be inferred, a first pass finds the identifier columns (unique integers)."""
+    columns, header_line, count = None, 0, 0
+    for kind, line, cells in _delimited_rows(path, delimiter, options):
+        if kind == "header":
+            header, header_line = cells, line
+            repeated = sorted({name for name in header if header.count(name) > 1})
+            if repeated:
+                raise DataError(path, header_line, f"the header repeats the column name(s) {repeated}",
+                                "give every column a distinct name")
+            columns = _Columns(options, header, path, header_line, defer=True)
+            if columns.text is None:  # no --text_column and no 'sentence' column: infer it from all the rows
+                rows = (dict(zip(header, row)) for row_kind, _, row in _delimited_rows(path, delimiter, options)
+                        if row_kind == "row")
+                candidates = [name for name in header if name not in (columns.label, columns.id)]
+                integer_columns, rows_seen = _unique_integer_columns(rows, candidates)
+                if not rows_seen:
+                    raise DataError(path, header_line, "the file has a header but no examples",
+                                    "add at least one row below the header")
+                columns.infer(integer_columns)
+            continue
+        count += 1
+        yield _example(dict(zip(columns.header, cells)), columns, path, line, count)
+    if columns is not None and not count:
         raise DataError(path, header_line, "the file has a header but no examples",
                         "add at least one row below the header")
-    if columns.text is None:  # no --text_column and no 'sentence' column: infer it (the rows show integer ids)
-        columns.infer([record for _, record in rows])
-    return [_example(record, columns, path, line_of_row, ordinal)
-            for ordinal, (line_of_row, record) in enumerate(rows, start=1)]
 
 
 def _preview(row: list[str]) -> str:
@@ -265,10 +288,9 @@ def _field_fix(delimiter: str) -> str:
             'break ("like, this"), doubling quotes inside it ("")')
 
 
-def read_jsonl(path: str, text: str, options: SentenceOptions) -> list[SentenceExample]:
-    examples, columns, chosen = [], None, options
-    # Split on "\n" only: str.splitlines would also break at U+2028 and friends, which JSON strings may hold raw.
-    for number, record in read_jsonl_records(path, text.split("\n")):
+def read_jsonl(path: str, options: SentenceOptions) -> Iterator[SentenceExample]:
+    columns, chosen, count = None, options, 0
+    for number, record in read_jsonl_records(path, iter_text_lines(path)):
         # Each record is checked against its own keys; the first one's message names the file's columns (and, with
         # no --text_column and no 'sentence' key, its keys give the inferred text columns for all the records).
         row_columns = _Columns(chosen, list(record), path, number)
@@ -278,8 +300,8 @@ def read_jsonl(path: str, text: str, options: SentenceOptions) -> list[SentenceE
             raise DataError(path, number, f"the record {'lacks' if columns.pair else 'has'} the second-text key "
                             f"{columns.pair or row_columns.pair!r}, unlike the first record",
                             "give every record the same keys")
-        examples.append(_example(record, row_columns, path, number, len(examples) + 1))
-    return examples
+        count += 1
+        yield _example(record, row_columns, path, number, count)
 
 
 # ------------------------------------------------------------------------------------------------ the head
@@ -361,19 +383,19 @@ class SentenceTask(ClassificationTask):
     def problems(self, config) -> list[str]:
         return self.options.problems(config)
 
-    def read(self, path: str) -> list[SentenceExample]:
-        text = _read_text(path)
-        kind = _format(path, text)
-        if kind == "jsonl":
-            examples = read_jsonl(path, text, self.options)
-        else:
-            examples = read_delimited(path, text, kind, self.options)
-        if not examples:
+    def stream(self, path: str) -> Iterator[SentenceExample]:
+        check_text_file(path)  # file not found / empty / not UTF-8, anywhere in the file, before parsing
+        kind = _format(path)
+        reader = read_jsonl(path, self.options) if kind == "jsonl" else read_delimited(path, kind, self.options)
+        count = 0
+        for example in reader:
+            count += 1
+            yield example
+        if not count:
             raise DataError(path, None, "no examples found",
                             f"TSV/CSV: a header with {self.options.text_column or 'sentence'!r} and "
                             f"{self.options.label_column!r} "
                             "then one row per example; JSONL: one object per line")
-        return examples
 
     def from_hub(self, dataset, split: str) -> list[SentenceExample]:
         """A `datasets` split, e.g. glue/sst2 (sentence, label as ClassLabel ids, idx). GLUE test splits hide

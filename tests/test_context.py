@@ -63,6 +63,7 @@ def test_conll_docstart_marks_documents_and_context_stays_inside_them(tmp_path):
     assert [e.document for e in plain] == [None, None, 0, 0, 0, 1, 1]
     assert all(e.left_context == e.right_context == [] for e in plain), "context_size 0: nothing attached"
     examples = NerTask(NerOptions(context_size=3)).read(path)
+    assert list(NerTask(NerOptions(context_size=3)).stream(path)) == examples  # the streamed reader: the same
     assert [e.words for e in examples] == [e.words for e in plain]
     contexts = [(e.left_context, e.right_context) for e in examples]
     assert contexts == [([], []), ([], []),  # before the first -DOCSTART-: no document, no context
