@@ -548,6 +548,11 @@ class NerTask(Task):
             empty.update(word for position, word in enumerate(example.words) if position not in present)
         lines = [f"words that tokenise to nothing (scored as [UNK]): {sum(empty.values())}"
                  + (f", e.g. {[word for word, _ in empty.most_common(5)]}" if empty else "")]
+        if self.options.context_size:
+            in_documents = sum(example.document is not None for example in examples)
+            lines.append(f"document context (--context_size {self.options.context_size}): {in_documents} of "
+                         f"{len(examples)} sentences are in a document (CoNLL -DOCSTART-, JSONL doc_id); the others "
+                         "get no context")
         return lines
 
     def head_options(self) -> dict:

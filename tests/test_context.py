@@ -320,3 +320,13 @@ def test_document_flag_is_refused_for_tasks_without_document_context():
     sentence = TASKS["sentence"](TASKS["sentence"].options_type())
     with pytest.raises(UsageError, match="the sentence task has no document context"):
         predict_examples(sentence, None, None, ["a text"], 32, 1, document=True)
+
+
+def test_check_data_counts_the_sentences_that_get_context(tmp_path, tokenizer):
+    path = write(tmp_path, "d.txt", conll([document_sentences(3, seed=8)], preamble=document_sentences(2, seed=9)))
+    task = NerTask(NerOptions(context_size=8))
+    examples = task.read(path)
+    notes = task.data_notes("train", examples, task.encode(examples, tokenizer, 64, ["O", "B-LOC", "I-LOC"]),
+                            tokenizer)
+    assert any("3 of 5 sentences are in a document" in line for line in notes)
+    assert not any("document" in line for line in NerTask().data_notes("train", examples, None, tokenizer))
