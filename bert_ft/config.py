@@ -42,8 +42,14 @@ class TrainConfig:
     max_eval_samples: int | None = flag(None, "use only the first N validation and test examples")
     max_seq_length: int = flag(128, "maximum sub-word tokens per model input (longer inputs use windows)")
     check_data: bool = flag(False, "read and encode the data as training would, print a report, exit without training")
+    data_cache_dir: str | None = flag(None, "Arrow cache of read and encoded data (default: $BERT_FT_CACHE, else "
+                                      "~/.cache/bert_ft)")
+    overwrite_cache: bool = flag(False, "rebuild the cached examples and features of this run's files")
+    preprocessing_num_workers: int | None = flag(None, "processes that encode the data (Dataset.map num_proc)")
     # --- optimisation ---
     num_train_epochs: int = flag(3, "training epochs")
+    max_steps: int | None = flag(None, "stop after N optimiser steps (overrides --num_train_epochs; validation, "
+                                 "test and the run folder as usual)")
     per_device_train_batch_size: int = flag(16, "training batch size per process")
     per_device_eval_batch_size: int = flag(128, "evaluation batch size per process")
     packing: bool = flag(True, "pack several examples into each training row (random batches without padding; "
@@ -98,7 +104,8 @@ class TrainConfig:
                      "mega_batch_factor"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train_samples", "max_eval_samples", "save_steps", "early_stopping_patience"):
+        for name in ("max_train_samples", "max_eval_samples", "save_steps", "early_stopping_patience", "max_steps",
+                     "preprocessing_num_workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 bad(name, f"must be >= 1 when given, got {value}")

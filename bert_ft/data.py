@@ -9,6 +9,7 @@ import os
 import random
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -160,7 +161,8 @@ class LengthGroupedSampler(Sampler[list[int]]):
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, mega_batch_factor: int = 50,
                  shuffle: bool = True) -> None:
-        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        # A numpy array (4 bytes a feature), not a list of Python ints: a million features stay a few MB.
+        self.lengths, self.batch_size, self.seed = np.asarray(lengths), batch_size, seed
         self.mega_batch_factor, self.shuffle = mega_batch_factor, shuffle
         self.epoch = 0
 
@@ -170,16 +172,17 @@ class LengthGroupedSampler(Sampler[list[int]]):
     def batches(self) -> list[list[int]]:
         """This epoch's batches of feature indices."""
         indices = list(range(len(self.lengths)))
+        lengths = self.lengths.tolist()  # this epoch's working copy (fast to index)
         if not self.shuffle:
             # Evaluation: longest first, so a memory problem shows at once; one sort, minimal padding.
-            indices.sort(key=lambda index: -self.lengths[index])
+            indices.sort(key=lambda index: -lengths[index])
             return [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         generator = random.Random(self.seed * 1_000_003 + self.epoch)
         generator.shuffle(indices)
         mega_size = self.batch_size * self.mega_batch_factor
         batches = []
         for start in range(0, len(indices), mega_size):
-            mega = sorted(indices[start:start + mega_size], key=lambda index: -self.lengths[index])
+            mega = sorted(indices[start:start + mega_size], key=lambda index: -lengths[index])
             batches.extend(mega[i:i + self.batch_size] for i in range(0, len(mega), self.batch_size))
         # Shuffle the batches too, so the long ones are not always first in a mega-batch.
         generator.shuffle(batches)
@@ -207,6 +210,13 @@ class FeatureDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, dict]:
         return index, self.inputs[index]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[int, dict]]:
+        """A whole batch at once (the DataLoader asks for it this way): one read from an Arrow table."""
+        rows = getattr(self.inputs, "rows", None)
+        if rows is None:
+            return [(index, self.inputs[index]) for index in indices]
+        return list(zip(indices, rows(indices)))
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

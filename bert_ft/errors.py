@@ -20,7 +20,10 @@ class DataError(BertFtError):
         if fix:
             message += f"\n  fix: {fix}"
         super().__init__(message)
-        self.path, self.line, self.problem = path, line, problem
+        self.path, self.line, self.problem, self.fix = path, line, problem, fix
+
+    def __reduce__(self):  # picklable, so an error raised in a data worker process reaches the user intact
+        return DataError, (self.path, self.line, self.problem, self.fix)
 
 
 class TrainingDiverged(BertFtError):

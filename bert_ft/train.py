@@ -11,6 +11,7 @@ gathered outputs. `run` reads top to bottom through named stages:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
@@ -20,7 +21,7 @@ import resource
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -32,6 +33,7 @@ from transformers import get_linear_schedule_with_warmup
 from .adversarial import build_adversary
 from .config import TrainConfig, to_dict
 from .data import Collator, FeatureDataset, LengthGroupedSampler, padding_stats
+from .dataset import DataCache, take
 from .checks import check_label_variety, check_output_dir_path, clamp_max_seq_length
 from .encoder import load_config, load_tokenizer, resolve_model_path, transfer_encoder
 from .errors import DataError, TrainingDiverged, UsageError
@@ -65,6 +67,7 @@ class Data:
     tokenizer: Any
     features: dict[str, Features]  # split -> encoded features (only the splits present)
     max_seq_length: int
+    seconds: float = 0.0  # the data stage's wall time (reading, checks, tokenizer, encoding)
 
 
 @dataclass
@@ -83,16 +86,27 @@ class TrainerState:
     train_seconds: float = 0.0
     real_tokens: int = 0
     padded_tokens: int = 0
+    trained_samples: int = 0  # training examples seen, over every process (what samples/s counts)
 
 
 # ----------------------------------------------------------------------------------------------------- data
 
-def _sample(examples: list, limit: int | None) -> list:
-    return examples if limit is None else examples[:limit]
+def _sample(examples: Sequence, limit: int | None) -> Sequence:
+    return examples if limit is None or limit >= len(examples) else take(examples, range(limit))
 
 
-def load_splits(task: Task, config: TrainConfig) -> Splits:
-    """Read train/validation/test from flags, a Hub dataset, or the task's shipped sample."""
+def data_cache(config: TrainConfig, accelerator: Accelerator | None = None, log=print) -> DataCache:
+    """The run's Arrow cache; under several processes the main one builds an entry before the others read it."""
+    main = accelerator is None or accelerator.is_main_process
+    return DataCache(config.data_cache_dir, overwrite=config.overwrite_cache and main,
+                     num_workers=config.preprocessing_num_workers,
+                     first=accelerator.main_process_first if accelerator is not None else contextlib.nullcontext,
+                     log=log)
+
+
+def load_splits(task: Task, config: TrainConfig, cache: DataCache | None = None) -> Splits:
+    """Read train/validation/test from flags (through the Arrow cache), a Hub dataset, or the task's sample."""
+    cache = cache or data_cache(config)
     splits = Splits()
     if config.dataset_name:
         hub = _load_hub_dataset(config.dataset_name)
@@ -112,14 +126,15 @@ def load_splits(task: Task, config: TrainConfig) -> Splits:
                  "test": config.test_file or defaults.get("test")}
         for split, path in files.items():
             if path:
-                setattr(splits, split, task.read(path))
+                setattr(splits, split, cache.examples(task, path))
                 splits.sources[split] = path
     if config.validation_split:
         order = list(range(len(splits.train)))
         random.Random(config.seed).shuffle(order)
         held_out = set(order[: max(1, round(config.validation_split * len(order)))])
-        splits.validation = [example for index, example in enumerate(splits.train) if index in held_out]
-        splits.train = [example for index, example in enumerate(splits.train) if index not in held_out]
+        # Both parts keep file order (an index map over the cached table, not a copy).
+        splits.validation = take(splits.train, [index for index in range(len(order)) if index in held_out])
+        splits.train = take(splits.train, [index for index in range(len(order)) if index not in held_out])
         splits.sources["validation"] = f"{splits.sources['train']} ({config.validation_split:.0%} seeded split, seed {config.seed})"
     splits.train = _sample(splits.train, config.max_train_samples)
     splits.validation = _sample(splits.validation, config.max_eval_samples) if splits.validation else None
@@ -153,22 +168,44 @@ def check_labels(task: Task, splits: Splits, labels: list[str]) -> None:
                                 "fix the label spelling, or add training examples with that label")
 
 
-def prepare_data(task: Task, config: TrainConfig, log=print) -> Data:
-    """Read and check every split, load the tokenizer, encode: everything that can fail on the user's data."""
-    splits = load_splits(task, config)
-    check_label_variety(task, splits.train, splits.sources["train"])
-    labels = task.build_labels(splits.train, splits.declared_labels)
+def prepare_data(task: Task, config: TrainConfig, log=print, accelerator: Accelerator | None = None) -> Data:
+    """Read and check every split, load the tokenizer, encode: everything that can fail on the user's data.
+    Files go through the Arrow cache (`bert_ft.dataset`): a second run on the same data skips reading and
+    encoding."""
+    start = time.perf_counter()
+    cache = data_cache(config, accelerator, log)
+    splits = load_splits(task, config, cache)
+    labels = train_labels(task, splits, cache)
     check_labels(task, splits, labels)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     task.prepare_tokenizer(tokenizer)
     # Above the position table the first long input would crash inside transformers: clamp, as the HF scripts do.
     max_seq_length = clamp_max_seq_length(config.max_seq_length, tokenizer,
                                           load_config(config.model_name_or_path, config.trust_remote_code), log)
-    features = {split: task.encode(examples, tokenizer, max_seq_length, labels)
+    features = {split: cache.features(task, examples, tokenizer, max_seq_length, labels)
                 for split in SPLITS if (examples := getattr(splits, split))}
     log("data: " + ", ".join(f"{split} {len(getattr(splits, split))} examples ({splits.sources[split]})"
-                              for split in features))
-    return Data(splits, labels, tokenizer, features, max_seq_length)
+                              for split in features)
+        + f"; data stage {time.perf_counter() - start:.1f} s (cache: {cache.root})")
+    return Data(splits, labels, tokenizer, features, max_seq_length, round(time.perf_counter() - start, 3))
+
+
+def train_labels(task: Task, splits: Splits, cache: DataCache) -> list[str]:
+    """The model's label list from the training examples, after the label-variety check; for a cached training
+    table both are remembered with it (a pure function of its rows), so a cache hit does not walk the corpus."""
+    key = getattr(splits.train, "key", None)
+    path = os.path.join(cache.root, "labels", f"{key}-{task.name}.json") if key else None
+    if path and os.path.isfile(path) and not cache.overwrite:
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        if saved.get("declared") == splits.declared_labels:
+            return saved["labels"]
+    check_label_variety(task, splits.train, splits.sources["train"])
+    labels = task.build_labels(splits.train, splits.declared_labels)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_json(path, {"labels": labels, "declared": splits.declared_labels})
+    return labels
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -337,6 +374,7 @@ class Training:
     sampler: LengthGroupedSampler  # the training batch sampler (its batches give the padding statistics)
     adversary: Any
     packing: str  # "on", or why it is off
+    epochs: int  # epochs to run: --num_train_epochs, or as many as --max_steps needs
 
 
 def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Accelerator, log) -> Training:
@@ -372,7 +410,10 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
     eval_loaders = {split: eval_loader(features, eval_collator, config.per_device_eval_batch_size)
                     for split, features in data.features.items() if split != "train"}
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * config.num_train_epochs
+    # --max_steps (as in the HF scripts) replaces the epoch count: the schedule ends at that step, and the last
+    # epoch is cut short there.
+    total_steps = config.max_steps or steps_per_epoch * config.num_train_epochs
+    epochs = math.ceil(config.max_steps / steps_per_epoch) if config.max_steps else config.num_train_epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
 
     sampler = train_loader.batch_sampler
@@ -386,7 +427,7 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
                                 config.adv_steps, config.adv_alpha,
                                 params=[param for param in network.parameters() if param.requires_grad])
     return Training(accelerator, model_, network, optimizer, scheduler, train_loader, eval_loaders, collator,
-                    sampler, adversary, packing)
+                    sampler, adversary, packing, epochs)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -469,7 +510,7 @@ def train_epoch(epoch: int, training: Training, state: TrainerState, config: Tra
     # Through Accelerate's loader: it re-sets the sampler's epoch from its own counter when iteration starts,
     # which after a resume (or on a skip loader) would otherwise not be this epoch.
     loader.set_epoch(epoch)
-    real, slots = padding_stats(lengths, training.sampler.batches(), training.collator)  # same on every process
+    epoch_batches = training.sampler.batches()  # the same on every process
     monitor = LossMonitor(accelerator, state)
     batches = len(training.train_loader)
     progress = tqdm(total=batches, initial=state.batches_in_epoch, desc=f"epoch {epoch + 1}",
@@ -501,10 +542,16 @@ def train_epoch(epoch: int, training: Training, state: TrainerState, config: Tra
             monitor.fold()
             save_checkpoint(accelerator, config, state)
             start = time.perf_counter()
+        if config.max_steps and state.global_step >= config.max_steps:
+            break
     progress.close()
     if (step := monitor.diverged_at()) is not None:
         stop_diverged(step, epoch, config)
     state.train_seconds += time.perf_counter() - start
+    # Padding statistics over the batches this epoch trained on (all of them unless --max_steps cut it short).
+    trained = epoch_batches[:state.batches_in_epoch * accelerator.num_processes]
+    real, slots = padding_stats(lengths, trained, training.collator)
+    state.trained_samples += sum(len(batch) for batch in trained)
     state.real_tokens += real
     state.padded_tokens += slots
     monitor.fold()
@@ -629,7 +676,7 @@ def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict
     check_output_dir(config)
     set_seed(config.seed)
 
-    data = prepare_data(task, config, log)  # bad input fails here, before anything is written
+    data = prepare_data(task, config, log, accelerator)  # bad input fails here, before anything is written
     training = build_training(task, config, data, accelerator, log)
     if config.report_to != "none":
         accelerator.init_trackers("bert_ft", config={key: value for key, value in to_dict(config).items()
@@ -661,12 +708,15 @@ def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict
             save_model(training.network, data.tokenizer, model_dir, task.name, meta)
 
     lengths = data.features["train"].lengths
-    for epoch in range(state.epoch, config.num_train_epochs):
+    for epoch in range(state.epoch, training.epochs):
         if config.unfreeze_at_epoch and epoch + 1 == config.unfreeze_at_epoch:
             unfreeze_all(training.network)
             log(f"epoch {epoch + 1}: encoder unfrozen")
         train_epoch(epoch, training, state, config, lengths)
         if end_of_epoch(epoch, training, task, data, state, config, save_best):
+            break
+        if config.max_steps and state.global_step >= config.max_steps:
+            log(f"--max_steps {config.max_steps} reached (epoch {epoch + 1})")
             break
     accelerator.wait_for_everyone()
     metrics = final_scoring(task, config, data, training, state, model_dir)
@@ -729,12 +779,15 @@ def _final_metrics(state: TrainerState, data: Data, accelerator: Accelerator, tr
     return {
         "train_runtime": round(state.train_seconds, 3),
         "train_samples": len(data.splits.train),
+        "data_runtime": data.seconds,
         "epochs_trained": epochs_done,
         "best_epoch": state.best_epoch,
-        "train_samples_per_second": round(len(data.splits.train) * epochs_done / seconds, 3),
+        "train_samples_per_second": round(state.trained_samples / seconds, 3),
         "train_tokens_per_second": round(state.real_tokens / seconds, 1),
         "padding_ratio": round(1 - state.real_tokens / max(state.padded_tokens, 1), 4),
         "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
+        # the largest encoding worker (--preprocessing_num_workers); 0 when encoding ran in this process
+        "worker_peak_memory_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "num_processes": accelerator.num_processes,
         "precision": precision_name(accelerator),
         "packing": training.packing,

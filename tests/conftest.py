@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+# The data cache of every test run (and of the CLI subprocesses it starts) lives in a fresh temporary folder:
+# nothing is written to ~/.cache, and no test sees another run's entries.
+os.environ["BERT_FT_CACHE"] = tempfile.mkdtemp(prefix="bert-ft-test-cache-")
 
 
 def save_tiny_bert(folder: str, max_position_embeddings: int = 512) -> str:
