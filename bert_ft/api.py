@@ -21,11 +21,13 @@ def finetune(task: Any, config: TrainConfig | None = None, **flags: Any) -> dict
 
 
 def predict(task: Any, model_dir: str, inputs: list, max_seq_length: int | None = None,
-            batch_size: int = 64) -> list[dict]:
-    """Predictions of a trained model folder of `task` on raw inputs (strings, or dicts for relation spans)."""
+            batch_size: int = 64, document: bool = False) -> list[dict]:
+    """Predictions of a trained model folder of `task` on raw inputs (strings, or dicts for relation spans).
+    `document`: the inputs are consecutive sentences of one document (NER with document context); `task`'s own
+    options apply (give NER the --context_size the model was trained with)."""
     from .heads import load_model
     from .predict import predict_examples
 
     model, tokenizer, meta = load_model(model_dir, {task.name: type(task)})
     return predict_examples(task, model, tokenizer, list(inputs), max_seq_length or meta.get("max_seq_length", 128),
-                            batch_size)
+                            batch_size, document)

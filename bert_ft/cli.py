@@ -23,6 +23,8 @@ class PredictConfig:
     input_file: str | None = flag(None, "one text per line, or JSONL with a \"text\" key (default: arguments or stdin)")
     output_file: str | None = flag(None, "write JSONL here (default: stdout)")
     max_seq_length: int | None = flag(None, "window size in sub-words (default: the training run's)")
+    input_is_document: bool = flag(False, "the inputs are consecutive sentences of one document: each gets its "
+                                   "neighbours as context (NER models trained with --context_size)")
     batch_size: int = flag(64, "inputs per forward pass")
     debug: bool = flag(False, "show full tracebacks on errors")
 
@@ -99,7 +101,7 @@ def predict_command(tasks: dict, config: PredictConfig, texts: list[str]) -> Non
     task_type = tasks[meta["task"]]
     task = task_type(task_type.options_type(**meta.get("task_options", {})))
     results = predict_examples(task, model, tokenizer, inputs, config.max_seq_length or meta.get("max_seq_length", 128),
-                               config.batch_size)
+                               config.batch_size, config.input_is_document)
     write_results(results, config.output_file)
 
 

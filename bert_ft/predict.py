@@ -14,15 +14,18 @@ from typing import Any, Iterable
 import torch
 
 from .data import Collator, looks_like_jsonl, read_jsonl_records, read_text_lines
-from .errors import DataError
+from .errors import DataError, UsageError
 from .inference import eval_loader, infer
 from .io import atomic_write_lines
 
 
 def predict_examples(task: Any, model: torch.nn.Module, tokenizer: Any, inputs: list, max_seq_length: int,
-                     batch_size: int) -> list[dict]:
-    """One result per input, in input order (long texts through the task's windows)."""
-    examples = task.input_examples(list(inputs))
+                     batch_size: int, document: bool = False) -> list[dict]:
+    """One result per input, in input order (long texts through the task's windows). `document`: the inputs are
+    consecutive sentences of one document (for tasks with `document_inputs`, e.g. NER with document context)."""
+    if document and not getattr(task, "document_inputs", False):
+        raise UsageError(f"--input_is_document: the {task.name} task has no document context; drop the flag")
+    examples = task.input_examples(list(inputs), document=True) if document else task.input_examples(list(inputs))
     if not examples:
         return []
     features = task.encode(examples, tokenizer, max_seq_length, model.labels)

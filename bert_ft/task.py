@@ -88,6 +88,9 @@ class Task:
     head_type: ClassVar[type]  # the bert_ft.heads.Head subclass this task trains, saves and loads
     samples: ClassVar[dict[str, str | None]] = {}  # split -> shipped demo file, used when no data flag is given
     packable: ClassVar[bool] = True  # features are single token sequences that may share a packed row
+    # input_examples(inputs, document=True) is understood: the inputs are consecutive sentences of one document
+    # (predict --input_is_document), e.g. for document context
+    document_inputs: ClassVar[bool] = False
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.options_type()
@@ -187,7 +190,8 @@ class Task:
 
     # ---------------------------------------------------------------------------------------- raw inputs
     def input_examples(self, inputs: list[Any]) -> list[Any]:
-        """Examples from raw predict inputs (strings or JSON objects); DataError("input", n, ...) when unusable."""
+        """Examples from raw predict inputs (strings or JSON objects); DataError("input", n, ...) when unusable.
+        A task with `document_inputs = True` also takes `document=True` (the inputs form one document)."""
         raise NotImplementedError
 
     def results(self, examples: list[Any], features: Features, outputs: list[dict], labels: list[str]) -> list[dict]:

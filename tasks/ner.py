@@ -6,7 +6,7 @@ import json
 import math
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
@@ -38,6 +38,8 @@ class NerOptions:
     doc_stride: int = flag(32, "sub-word overlap of windows over long sentences (at most half a window)")
     tag_scheme: str = flag("auto", "tag scheme of the input files (auto-detected by default)", choices=SCHEMES)
     strict_tags: bool = flag(False, "refuse IOB2 files with I-X after O (default: repair them with a warning)")
+    context_size: int = flag(0, "document context (FLERT): up to N sub-words of the neighbouring sentences of the "
+                             "same document on each side, unlabelled, within --max_seq_length (0 = off)")
 
     def problems(self, config) -> list[str]:
         found = []
@@ -45,6 +47,8 @@ class NerOptions:
             found.append(f"--doc_stride: must be >= 0, got {self.doc_stride}")
         if self.crf and getattr(config, "loss", "cross_entropy") == "focal":
             found.append(FOCAL_WITH_CRF)
+        if self.context_size < 0:
+            found.append(f"--context_size: must be >= 0, got {self.context_size}")
         return found
 
 
@@ -56,6 +60,12 @@ class NerExample:
     line: int  # line of the sentence's first word (CoNLL) or of the JSON record
     text: str | None = None  # raw text (span-annotated input), words are then characters/tokens of it
     offsets: list[tuple[int, int]] | None = None  # character [start, end) of each word in `text`
+    # Document context (--context_size): the document's ordinal in its file (None: no document, so no context) and
+    # the words of the neighbouring sentences of that document nearest to this one, at most context_size per side
+    # (each word gives at least one sub-word, so that many words always suffice). Never labelled or scored.
+    document: int | None = None
+    left_context: list[str] = field(default_factory=list)
+    right_context: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------- tag schemes
@@ -106,15 +116,18 @@ def to_iob2(tags: list[str], scheme: str) -> tuple[list[str], list[int]]:
 
 # -------------------------------------------------------------------------------------------------- readers
 
-def read_conll(path: str, lines: Iterable[str]) -> Iterator[tuple[list[str], list[str], int]]:
-    """(words, tags, first line) per sentence, streamed; token in the first column, tag in the last."""
-    words, tags, first_line = [], [], 0
+def read_conll(path: str, lines: Iterable[str]) -> Iterator[tuple[list[str], list[str], int, int | None]]:
+    """(words, tags, first line, document) per sentence, streamed; token in the first column, tag in the last. Each
+    `-DOCSTART-` line starts a new document (0, 1, ...); sentences before the first one have document None."""
+    words, tags, first_line, document = [], [], 0, None
     for number, line in enumerate(lines, start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("-DOCSTART-"):
             if words:
-                yield words, tags, first_line
+                yield words, tags, first_line, document
                 words, tags = [], []
+            if stripped:
+                document = 0 if document is None else document + 1
             continue
         columns = stripped.split()
         if len(columns) < 2:
@@ -126,7 +139,7 @@ def read_conll(path: str, lines: Iterable[str]) -> Iterator[tuple[list[str], lis
         words.append(columns[0])
         tags.append(columns[-1])
     if words:
-        yield words, tags, first_line
+        yield words, tags, first_line, document
 
 
 def _spans_to_tags(path: str, number: int, record: dict) -> tuple[list[str], list[str], list[tuple[int, int]], list[str]]:
@@ -171,10 +184,40 @@ def _spans_to_tags(path: str, number: int, record: dict) -> tuple[list[str], lis
     return list(text), tags, [(index, index + 1) for index in range(len(text))], dropped
 
 
+ONE_DOCUMENT = object()  # the doc_id of predict inputs that --input_is_document puts in one document
+
+
+class DocumentGrouper:
+    """Document ordinals from `doc_id` values in file order: consecutive records with the same doc_id are one
+    document; a doc_id that comes back after another one starts a new document (documents are read as streams,
+    one at a time, so a file must keep each document's sentences together and in order). No doc_id: None."""
+
+    def __init__(self) -> None:
+        self.previous, self.ordinal = None, -1
+
+    def __call__(self, doc_id: object) -> int | None:
+        if doc_id is None:
+            self.previous = None
+            return None
+        if doc_id != self.previous:
+            self.previous, self.ordinal = doc_id, self.ordinal + 1
+        return self.ordinal
+
+
+def _doc_id(record: dict, path: str, number: int) -> str | int | None:
+    doc_id = record.get("doc_id")
+    if doc_id is not None and (isinstance(doc_id, bool) or not isinstance(doc_id, (str, int))):
+        raise DataError(path, number, f"'doc_id' must be a string or an integer, got {json.dumps(doc_id)[:80]}",
+                        'consecutive records of one document share a doc_id, e.g. "doc_id": "news-17"')
+    return doc_id
+
+
 def read_jsonl(path: str, lines: Iterable[str], warn: bool = True) -> Iterator[NerExample]:
-    """NerExamples from JSON Lines, streamed; nested CLUENER entities are counted and warned about at the end."""
-    nested_count, nested_first = 0, None
+    """NerExamples from JSON Lines, streamed; nested CLUENER entities are counted and warned about at the end.
+    A `doc_id` groups consecutive records into a document (see DocumentGrouper)."""
+    nested_count, nested_first, documents = 0, None, DocumentGrouper()
     for number, record in read_jsonl_records(path, lines):
+        document = documents(_doc_id(record, path, number))
         if "tokens" in record:
             tokens, tags = record["tokens"], record.get("tags", record.get("ner_tags"))
             if not isinstance(tokens, list) or not all(isinstance(word, str) for word in tokens):
@@ -185,10 +228,11 @@ def read_jsonl(path: str, lines: Iterable[str], warn: bool = True) -> Iterator[N
                                 'write {"tokens": [...], "tags": [...]} with equal lengths')
             for tag in tags:
                 _split_tag(str(tag), path, number)
-            yield NerExample([str(word) for word in record["tokens"]], [str(tag) for tag in tags], path, number)
+            yield NerExample([str(word) for word in record["tokens"]], [str(tag) for tag in tags], path, number,
+                             document=document)
         elif "text" in record and "label" in record:
             words, tags, offsets, dropped = _spans_to_tags(path, number, record)
-            yield NerExample(words, tags, path, number, record["text"], offsets)
+            yield NerExample(words, tags, path, number, record["text"], offsets, document)
             nested_count += len(dropped)
             nested_first = nested_first or (dropped[0] if dropped else None)
         else:
@@ -198,6 +242,40 @@ def read_jsonl(path: str, lines: Iterable[str], warn: bool = True) -> Iterator[N
     if nested_count and warn:
         print(f"warning: {path}: {nested_count} entities nested inside another were not tagged (BIO holds one "
               f"layer; the outer span is kept), e.g. {nested_first}")
+
+
+def with_document_context(examples: Iterable[NerExample], context_size: int) -> Iterator[NerExample]:
+    """The examples in order, each with the words of its document's neighbouring sentences nearest to it (at most
+    `context_size` per side) in `left_context` / `right_context`. A stream: one document is buffered at a time
+    (consecutive examples with the same `document`); an example without a document gets no context, and a
+    document's first and last sentences get context on one side only."""
+    document: list[NerExample] = []
+    for example in examples:
+        if document and example.document != document[0].document:
+            yield from _fill_context(document, context_size)
+            document = []
+        if example.document is None:
+            yield example
+        else:
+            document.append(example)
+    yield from _fill_context(document, context_size)
+
+
+def _fill_context(document: list[NerExample], context_size: int) -> list[NerExample]:
+    for index, example in enumerate(document):
+        left: list[str] = []
+        before = index - 1
+        while before >= 0 and len(left) < context_size:
+            words = document[before].words
+            left = words[max(0, len(words) - (context_size - len(left))):] + left
+            before -= 1
+        right: list[str] = []
+        after = index + 1
+        while after < len(document) and len(right) < context_size:
+            right += document[after].words[:context_size - len(right)]
+            after += 1
+        example.left_context, example.right_context = left, right
+    return document
 
 
 # ---------------------------------------------------------------------------------------------- word split
@@ -419,6 +497,7 @@ class NerTask(Task):
     metric = "f1"
     predictions_file = "test_predictions.txt"
     head_type = TokenTagger
+    document_inputs = True
     samples = {"train": sample_path(__file__, "ner_train.txt"), "validation": sample_path(__file__, "ner_dev.txt"),
                "test": sample_path(__file__, "ner_test.txt")}
 
@@ -427,14 +506,20 @@ class NerTask(Task):
 
     def stream(self, path: str) -> Iterator[NerExample]:
         """The file's sentences one at a time, tags converted to IOB2. With --tag_scheme auto a first streaming
-        pass counts the tag prefixes (detect_scheme); memory stays flat either way."""
+        pass counts the tag prefixes (detect_scheme); memory stays flat either way. With --context_size each
+        sentence gets its document context on the way (`with_document_context` buffers one document)."""
+        sentences = self._sentences(path)
+        return with_document_context(sentences, self.options.context_size) if self.options.context_size \
+            else sentences
+
+    def _sentences(self, path: str) -> Iterator[NerExample]:
         check_text_file(path)  # encoding problems anywhere in the file are reported before parse errors
         is_conll = not looks_like_jsonl(iter_text_lines(path))  # CoNLL: one word per line
 
         def parse(warn: bool) -> Iterator[NerExample]:
             if is_conll:
-                for words, tags, line in read_conll(path, iter_text_lines(path)):
-                    yield NerExample(words, tags, path, line)
+                for words, tags, line, document in read_conll(path, iter_text_lines(path)):
+                    yield NerExample(words, tags, path, line, document=document)
             else:
                 yield from read_jsonl(path, iter_text_lines(path), warn)
 
@@ -489,6 +574,11 @@ class NerTask(Task):
             empty.update(word for position, word in enumerate(example.words) if position not in present)
         lines = [f"words that tokenise to nothing (scored as [UNK]): {sum(empty.values())}"
                  + (f", e.g. {[word for word, _ in empty.most_common(5)]}" if empty else "")]
+        if self.options.context_size:
+            in_documents = sum(example.document is not None for example in examples)
+            lines.append(f"document context (--context_size {self.options.context_size}): {in_documents} of "
+                         f"{len(examples)} sentences are in a document (CoNLL -DOCSTART-, JSONL doc_id); the others "
+                         "get no context")
         return lines
 
     def head_options(self) -> dict:
@@ -499,37 +589,56 @@ class NerTask(Task):
 
     # ---------------------------------------------------------------------------------------- features
     def encode(self, examples: list[NerExample], tokenizer, max_seq_length: int, labels: list[str]) -> Features:
-        """One feature per window of each sentence; the first sub-word of each word carries its label."""
+        """One feature per window of each sentence; the first sub-word of each word carries its label.
+
+        With --context_size, a feature is [CLS] left context, the window's words, right context [SEP]: the window's
+        own words take the budget first, context fills what is left, up to context_size sub-words per side (split
+        evenly when both sides have more than fits; a side with less leaves the rest to the other, so a document's
+        first and last sentences get one-sided context). Whole words only: the first word that no longer fits ends
+        a side. A window's context is the document around it, nearest first: the words of its own sentence outside
+        the window, then the neighbouring sentences' words (`left_context` / `right_context`). So a sentence that
+        fits one window gets its neighbours, and the windows of a long sentence, which fill the budget except the
+        last, are completed from the sentence itself. Context tokens have label -100 and word_starts 0: the loss,
+        the CRF, scoring and prediction never see them, each window's words are located by word_starts as before,
+        and every word is still scored once, from its most central window (best_window_per_word). Depends only on
+        the examples given: any slice of examples encodes as it would within the whole file.
+        """
         label_ids = {label: index for index, label in enumerate(labels)}
         before, after = special_tokens_around(tokenizer)
         prefix, budget = len(before), max_seq_length - len(before) - len(after)
+        suffix = len(after)
         with_types = "token_type_ids" in tokenizer.model_input_names
         inputs, example_index, lengths, windows = [], [], [], []
         if not examples:
             return Features(inputs, example_index, lengths, windows)
-        # One batched call for the whole file: sub-word ids of every word.
-        encoded = tokenizer([example.words for example in examples], is_split_into_words=True,
-                            add_special_tokens=False)
+        # One batched call for the whole batch: sub-word ids of every word, context words included (words are
+        # tokenised one by one, so a sentence's own sub-words do not depend on its context).
+        encoded = tokenizer([example.left_context + example.words + example.right_context for example in examples],
+                            is_split_into_words=True, add_special_tokens=False)
         for index, example in enumerate(examples):
-            word_pieces: list[list[int]] = [[] for _ in example.words]
+            first, count = len(example.left_context), len(example.words)
+            all_pieces: list[list[int]] = [[] for _ in range(first + count + len(example.right_context))]
             for token_id, word_id in zip(encoded["input_ids"][index], encoded.word_ids(index)):
-                word_pieces[word_id].append(token_id)
-            for pieces in word_pieces:
+                all_pieces[word_id].append(token_id)
+            left_pieces, right_pieces = all_pieces[:first], all_pieces[first + count:]
+            word_pieces = all_pieces[first:first + count]
+            for word, pieces in enumerate(word_pieces):
                 if not pieces:  # e.g. a lone space or control character: keep the word, score it as [UNK]
                     pieces.append(tokenizer.unk_token_id)
+                word_pieces[word] = pieces[:budget]  # a single over-long word is cut, its label kept
             stride = min(self.options.doc_stride, budget // 2)
             for start, end in word_windows([len(pieces) for pieces in word_pieces], budget, stride):
                 content, word_starts, token_labels = [], [], []
                 for word in range(start, end):
-                    pieces = word_pieces[word][:budget]  # a single over-long word is cut, its label kept
+                    pieces = word_pieces[word]
                     content.extend(pieces)
                     word_starts.extend([1] + [0] * (len(pieces) - 1))
                     token_labels.extend([label_ids.get(example.tags[word], 0)] + [-100] * (len(pieces) - 1))
-                input_ids = before + content + after
-                suffix = len(after)
+                left, right = self._context(word_pieces, left_pieces, right_pieces, start, end, budget - len(content))
+                input_ids = before + left + content + right + after
                 feature = {"input_ids": input_ids,
-                           "labels": [-100] * prefix + token_labels + [-100] * suffix,
-                           "word_starts": [0] * prefix + word_starts + [0] * suffix}
+                           "labels": [-100] * (prefix + len(left)) + token_labels + [-100] * (len(right) + suffix),
+                           "word_starts": [0] * (prefix + len(left)) + word_starts + [0] * (len(right) + suffix)}
                 if with_types:
                     feature["token_type_ids"] = [0] * len(input_ids)
                 inputs.append(feature)
@@ -537,6 +646,37 @@ class NerTask(Task):
                 lengths.append(len(input_ids))
                 windows.append((start, end))
         return Features(inputs, example_index, lengths, windows)
+
+    def _context(self, word_pieces: list[list[int]], left_pieces: list[list[int]], right_pieces: list[list[int]],
+                 start: int, end: int, room: int) -> tuple[list[int], list[int]]:
+        """The sub-word ids of the left and right context of window [start, end) in `room` free positions (see
+        `encode`): at most context_size per side, whole words, nearest first."""
+        size = self.options.context_size
+        if not size or room <= 0:
+            return [], []
+
+        def left_stream() -> Iterator[list[int]]:
+            yield from (word_pieces[word] for word in range(start - 1, -1, -1))
+            yield from reversed(left_pieces)
+
+        def right_stream() -> Iterator[list[int]]:
+            yield from (word_pieces[word] for word in range(end, len(word_pieces)))
+            yield from right_pieces
+
+        def take(stream: Iterator[list[int]], limit: int) -> list[list[int]]:
+            taken, used = [], 0
+            for pieces in stream:
+                if used + len(pieces) > limit:
+                    break
+                taken.append(pieces)
+                used += len(pieces)
+            return taken
+
+        right_alone = sum(len(pieces) for pieces in take(right_stream(), min(size, room)))
+        left = take(left_stream(), min(size, room - min(right_alone, room - room // 2)))
+        left_ids = [token for pieces in reversed(left) for token in pieces]
+        right_ids = [token for pieces in take(right_stream(), min(size, room - len(left_ids))) for token in pieces]
+        return left_ids, right_ids
 
     def word_predictions(self, examples, features: Features, outputs, labels) -> list[list[tuple[str, float]]]:
         """Merge window outputs back to one (tag, score) per word: each word from its most central window."""
@@ -595,17 +735,29 @@ class NerTask(Task):
         atomic_write_lines(path, lines)
 
     # ---------------------------------------------------------------------------------------- raw text
-    def input_examples(self, inputs: list) -> list[NerExample]:
-        """Raw texts (strings or {"text": ...}), split into words like BERT's BasicTokenizer."""
-        examples = []
+    def input_examples(self, inputs: list, document: bool = False) -> list[NerExample]:
+        """Raw texts (strings or {"text": ...}), split into words like BERT's BasicTokenizer.
+
+        Document context (a model trained with --context_size): objects with a "doc_id" are grouped as in JSONL
+        training files (consecutive equal doc_ids form a document); with `document` (predict --input_is_document)
+        the other inputs are consecutive sentences of one document. Without either, an input has no context."""
+        if document and not self.options.context_size:
+            raise UsageError("--input_is_document: this model was trained with --context_size 0 (no document "
+                             "context); drop the flag, or train with --context_size N")
+        examples, documents = [], DocumentGrouper()
         for number, item in enumerate(inputs, start=1):
             text = item.get("text") if isinstance(item, dict) else item
             if not isinstance(text, str):
                 raise DataError("input", number, f"expected a text or an object with a string 'text', got "
                                 f"{type(item).__name__}", 'give a line of text or {"text": "..."}')
+            doc_id = _doc_id(item, "input", number) if isinstance(item, dict) else None
+            if doc_id is None and document:
+                doc_id = ONE_DOCUMENT
             split = split_words(text)
             examples.append(NerExample([word for word, _, _ in split], ["O"] * len(split), "input", number, text,
-                                       [(start, end) for _, start, end in split]))
+                                       [(start, end) for _, start, end in split], documents(doc_id)))
+        if self.options.context_size:
+            examples = list(with_document_context(examples, self.options.context_size))
         return examples
 
     def results(self, examples, features, outputs, labels) -> list[dict]:

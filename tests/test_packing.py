@@ -14,7 +14,7 @@ import torch
 from bert_ft.data import Collator, first_fit_decreasing
 from bert_ft.encoder import load_tokenizer
 from bert_ft.train import packing_is_exact
-from tasks.ner import NerExample, NerTask
+from tasks.ner import NerExample, NerTask, with_document_context
 from tasks.relation import RelationExample, RelationTask
 from tasks.sentence import SentenceExample, SentenceTask
 
@@ -27,6 +27,15 @@ def ner_case(tokenizer, crf: bool):
     tags = ["O", "B-LOC", "I-LOC", "O", "B-PER", "O", "B-ORG", "I-ORG", "O", "O", "O", "B-LOC", "O", "O"]
     examples = [NerExample(WORDS[:n], tags[:n], "mem", i) for i, n in enumerate((3, 7, 5, 12, 2, 9))]
     return task, examples
+
+
+def ner_context_case(tokenizer, crf: bool):
+    """Document context (--context_size): the same sentences as one document, each with unlabelled neighbours."""
+    task, examples = ner_case(tokenizer, crf)
+    task.options.context_size = 6
+    for example in examples:
+        example.document = 0
+    return task, list(with_document_context(examples, 6))
 
 
 def sentence_case(tokenizer, pairs: bool):
@@ -52,6 +61,8 @@ def relation_case(tokenizer, pooling: str):
 CASES = {
     "token": lambda tok: ner_case(tok, crf=False),
     "token_crf": lambda tok: ner_case(tok, crf=True),
+    "token_context": lambda tok: ner_context_case(tok, crf=False),
+    "token_crf_context": lambda tok: ner_context_case(tok, crf=True),
     "sentence": lambda tok: sentence_case(tok, pairs=False),
     "sentence_pair": lambda tok: sentence_case(tok, pairs=True),
     "relation_entity_start": lambda tok: relation_case(tok, "entity_start"),
@@ -163,7 +174,7 @@ def test_first_fit_decreasing_respects_capacity():
     assert len(rows) == 4  # 39 tokens need at least 4 rows of 10
 
 
-@pytest.mark.parametrize("case", ["token", "sentence"])
+@pytest.mark.parametrize("case", ["token", "token_context", "sentence"])
 def test_packed_and_padded_training_give_equal_losses_for_50_steps(case, tiny_model_dir):
     """Dropout off, the same batches: the two layouts train the same model (losses within 1e-4 for 50 steps)."""
     task, tokenizer, model, features = build(case, "sdpa", tiny_model_dir)
