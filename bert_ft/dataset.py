@@ -37,7 +37,7 @@ from .errors import BertFtError, DataError, UsageError
 from .io import atomic_write_json
 from .task import Features
 
-ENCODE_VERSION = 1  # bump when the meaning of cached examples or features changes without a source change
+ENCODE_VERSION = 2  # bump when the meaning of cached examples or features changes without a source change
 BATCH = 1000  # examples per `Dataset.map` call and per iteration batch
 
 
@@ -114,10 +114,16 @@ def _arrow_type(hint: Any):
     return None
 
 
-class ExampleSchema:
-    """How a task's example dataclass maps to Arrow columns and back (fields of other types are JSON text)."""
+SOURCE_FIELD = "path"  # an example field naming its file: not stored per row, restored from the file read
 
-    def __init__(self, example_type: type) -> None:
+
+class ExampleSchema:
+    """How a task's example dataclass maps to Arrow columns and back (fields of other types are JSON text). A `path`
+    field equal to the file being read is stored as null and restored on access (the path of this run's file, so a
+    moved file's messages name where it is now): 40-odd bytes a row saved."""
+
+    def __init__(self, example_type: type, source: str = "") -> None:
+        self.source = source
         import datasets
 
         self.example_type = example_type
@@ -137,8 +143,11 @@ class ExampleSchema:
         return dataclasses.is_dataclass(example) and not isinstance(example, type)
 
     def record(self, example: Any) -> dict:
-        return {name: (json.dumps(getattr(example, name)) if name in self.json_fields else getattr(example, name))
-                for name in self.fields}
+        row = {name: (json.dumps(getattr(example, name)) if name in self.json_fields else getattr(example, name))
+               for name in self.fields}
+        if row.get(SOURCE_FIELD) == self.source and SOURCE_FIELD not in self.json_fields:
+            row[SOURCE_FIELD] = None
+        return row
 
     def examples(self, columns: dict[str, list]) -> list:
         """Examples from a batch of columns."""
@@ -149,6 +158,8 @@ class ExampleSchema:
             row = dict(zip(names, values))
             for name in self.json_fields:
                 row[name] = json.loads(row[name]) if row[name] is not None else None
+            if SOURCE_FIELD in row and row[SOURCE_FIELD] is None and SOURCE_FIELD not in self.json_fields:
+                row[SOURCE_FIELD] = self.source
             built.append(self.example_type(**row))
         return built
 
@@ -231,9 +242,10 @@ def _tuples(value):
     return tuple(_tuples(item) for item in value) if isinstance(value, list) else value
 
 
-def _feature_types(sample: Features):
+def _feature_types(sample: Features, narrow: dict[str, str]):
     """datasets feature types of a task's encoded inputs: int lists as int32 (nested for several sequences per
-    example), ints as int64, floats as float32; plus the core's columns."""
+    example) or the narrower type the task declares (`Task.column_types`, e.g. int8 for 0/1 flags), ints as int64,
+    floats as float32; plus the core's columns."""
     import datasets
 
     def kind(value):
@@ -251,6 +263,11 @@ def _feature_types(sample: Features):
         raise UsageError(f"a task feature value of type {type(value).__name__} cannot be stored in the data cache")
 
     columns = {key: kind(value) for key, value in sample.inputs[0].items()}
+    for key, value_type in narrow.items():
+        if key in columns and isinstance(columns[key], datasets.List):
+            inner = columns[key].feature
+            columns[key] = datasets.List(datasets.List(datasets.Value(value_type))
+                                         if isinstance(inner, datasets.List) else datasets.Value(value_type))
     columns.update(example_index=datasets.Value("int64"), length=datasets.Value("int32"),
                    meta=datasets.Value("string"))
     return datasets.Features(columns)
@@ -345,7 +362,7 @@ class DataCache:
                     self.log(line)
                 if info["kind"] == "list":  # not a dataclass: nothing stored, read again
                     return list(task.stream(path))
-                schema = ExampleSchema(_import_type(info["kind"]))
+                schema = ExampleSchema(_import_type(info["kind"]), path)
                 return ExampleTable(datasets.Dataset.from_file(os.path.join(folder, "examples.arrow")), schema, key)
             os.makedirs(folder, exist_ok=True)
             temp = os.path.join(folder, f".examples-{os.getpid()}.arrow")
@@ -357,7 +374,7 @@ class DataCache:
                     for example in task.stream(path):
                         if kept is None and schema is None:
                             if ExampleSchema.supports(example):
-                                schema = ExampleSchema(type(example))
+                                schema = ExampleSchema(type(example), path)
                                 writer = ArrowWriter(features=schema.features, path=temp)
                             else:
                                 kept = []
@@ -404,7 +421,7 @@ class DataCache:
                 shutil.rmtree(folder, ignore_errors=True)
             os.makedirs(folder, exist_ok=True)
             sample = task.encode(examples[0:1], tokenizer, max_seq_length, labels)
-            schema = _feature_types(sample)
+            schema = _feature_types(sample, {"token_type_ids": "int8", **getattr(task, "column_types", {})})
             encode = _Encoder(task, examples.schema, tokenizer, max_seq_length, labels, list(sample.inputs[0]))
             workers = self.num_workers if self.num_workers and self.num_workers > 1 else None
             try:

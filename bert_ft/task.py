@@ -88,6 +88,9 @@ class Task:
     head_type: ClassVar[type]  # the bert_ft.heads.Head subclass this task trains, saves and loads
     samples: ClassVar[dict[str, str | None]] = {}  # split -> shipped demo file, used when no data flag is given
     packable: ClassVar[bool] = True  # features are single token sequences that may share a packed row
+    # Narrower Arrow types for token-aligned keys whose values are small (the data cache stores int32 otherwise),
+    # e.g. {"labels": "int16", "word_starts": "int8"}; a value out of range fails the encoding with an error.
+    column_types: ClassVar[dict[str, str]] = {}
     # input_examples(inputs, document=True) is understood: the inputs are consecutive sentences of one document
     # (predict --input_is_document), e.g. for document context
     document_inputs: ClassVar[bool] = False

@@ -497,6 +497,7 @@ class NerTask(Task):
     metric = "f1"
     predictions_file = "test_predictions.txt"
     head_type = TokenTagger
+    column_types = {"labels": "int16", "word_starts": "int8"}  # label ids (-100 = not scored), 0/1 flags
     document_inputs = True
     samples = {"train": sample_path(__file__, "ner_train.txt"), "validation": sample_path(__file__, "ner_dev.txt"),
                "test": sample_path(__file__, "ner_test.txt")}

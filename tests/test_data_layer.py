@@ -173,3 +173,15 @@ def test_example_table_is_a_lazy_sequence(tmp_path):
     with pytest.raises(IndexError):
         table[len(examples)]
     assert isinstance(np.asarray(table.dataset["line"][:2]), np.ndarray)
+
+
+def test_a_moved_file_hits_the_cache_and_names_its_new_path(tmp_path):
+    """The key is the content: the same file under another name reuses the entry, and its examples (and so every
+    message about them) name the file as it is now."""
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    shutil.copy(os.path.join(SAMPLES, "ner_dev.txt"), first)
+    shutil.copy(first, second)
+    root = str(tmp_path / "cache")
+    assert {example.path for example in DataCache(root).examples(NerTask(), str(first))} == {str(first)}
+    assert {example.path for example in DataCache(root).examples(NerTask(), str(second))} == {str(second)}
+    assert len(_entries(root, "examples")) == 1
