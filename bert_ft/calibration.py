@@ -1,10 +1,18 @@
 """Confidence calibration, task-agnostic: the expected calibration error and temperature scaling.
 
-A task says what a confidence is (`Evaluation.confidences`: one (confidence, correct) pair per prediction; for
-NER each predicted entity's probability, for classification the predicted class's probability). A head says what
-its likelihood is at a temperature (`Head.calibration_nll`; for a CRF every potential is divided by it). The
-temperature is fitted on the validation scores by minimising that negative log-likelihood: it is convex in 1/T,
-so a golden-section search over log T finds the minimum. A positive temperature never changes a prediction.
+A task says what a confidence is (`Task.confidences`, also reported in `Evaluation.confidences`: one (confidence,
+correct) pair per prediction; for NER each predicted entity's span probability, for classification the predicted
+class's probability). By default (objective "confidence") the temperature is fitted on the validation set to what
+is judged: the log loss (binary negative log-likelihood) of "the prediction is correct" given its confidence at T,
+the validation outputs decoded again at every T tried (`fit_temperature_to_confidences`). A positive temperature
+never changes a prediction, so the set of predictions is fixed and only their confidences move. The search: a grid
+over log T, then a golden-section search in the bracket around the grid's best point.
+
+Objective "label", and the fallback of "confidence" where the task gives no confidences, where validation has fewer
+than ten right or ten wrong predictions, or where the log loss has no minimum inside the temperature range
+(`fit_temperature`): T minimises the negative log-likelihood of the gold labels that the head defines
+(`Head.calibration_nll`; for a CRF every potential is divided by T): convex in 1/T, a golden-section search over
+log T.
 """
 
 from __future__ import annotations
@@ -16,6 +24,11 @@ import torch
 
 ECE_BINS = 15
 TEMPERATURE_RANGE = (0.05, 20.0)
+GRID_POINTS = 16  # log T grid of the confidence fit: neighbours a factor 1.49 apart over TEMPERATURE_RANGE
+MIN_EACH_OUTCOME = 10  # right and wrong predictions the confidence fit needs at least (events per parameter)
+PROBABILITY_FLOOR = 1e-12  # the log loss clips confidences to [floor, 1 - floor] (a float32 1.0 can be wrong)
+OBJECTIVES = {"confidence": "the log loss of its predictions' confidences (correct or not)",
+              "label": "the negative log-likelihood of the gold labels"}
 
 
 def expected_calibration_error(pairs: Sequence[tuple[float, bool]], bins: int = ECE_BINS) -> float | None:
@@ -51,6 +64,61 @@ def golden_section_minimum(function: Callable[[float], float], low: float, high:
     return (a + b) / 2
 
 
+def log_loss(pairs: Sequence[tuple[float, bool]]) -> float:
+    """Mean binary negative log-likelihood of `correct` given `confidence` over (confidence, correct) pairs: a
+    proper scoring rule for the confidences, what `fit_temperature_to_confidences` minimises."""
+    total = 0.0
+    for confidence, correct in pairs:
+        probability = min(max(float(confidence), PROBABILITY_FLOOR), 1.0 - PROBABILITY_FLOOR)
+        total -= math.log(probability if correct else 1.0 - probability)
+    return total / len(pairs) if pairs else float("nan")
+
+
+def grid_then_golden_minimum(function: Callable[[float], float], low: float, high: float,
+                             points: int = GRID_POINTS, iterations: int = 24) -> float:
+    """The minimiser of `function` on [low, high]: the best of `points` evenly spaced values, refined by a
+    golden-section search between its two neighbours (robust to an objective that is unimodal only near its
+    minimum). Evaluates `function` points + iterations + 2 times."""
+    grid = [low + (high - low) * index / (points - 1) for index in range(points)]
+    values = [function(x) for x in grid]
+    best = min(range(points), key=lambda index: (values[index], index))
+    return golden_section_minimum(function, grid[max(best - 1, 0)], grid[min(best + 1, points - 1)], iterations)
+
+
+def fit_temperature_to_confidences(confidences_at: Callable[[float], Sequence[tuple[float, bool]] | None]
+                                   ) -> dict | None:
+    """Fit the temperature to what calibration is judged on: `confidences_at(T)` gives the validation set's
+    (confidence, correct) pairs with confidences at temperature T (the same predictions at every T); T minimises
+    their log loss.
+
+    Returns {"temperature", "objective": "confidence", "nll_before", "nll_after" (log loss at 1 and at T),
+    "labels" (how many pairs)} or None where it cannot be fitted reliably: fewer than MIN_EACH_OUTCOME right or
+    wrong predictions (all right or all wrong, the loss has no minimum inside the range; a few, the one-parameter
+    fit is noise: the rule of ten events per parameter of logistic regression), or a minimum at a bound of the
+    range. Every process must get the same pairs (decode gathered outputs), so that all of them take the same
+    steps and find the same temperature."""
+    pairs = confidences_at(1.0)
+    if not pairs:
+        return None
+    right = sum(bool(correct) for _, correct in pairs)
+    if min(right, len(pairs) - right) < MIN_EACH_OUTCOME:
+        return None
+    before = log_loss(pairs)
+    if not math.isfinite(before):
+        return None
+    low, high = TEMPERATURE_RANGE
+    best = math.exp(grid_then_golden_minimum(lambda log_t: log_loss(confidences_at(math.exp(log_t))),
+                                             math.log(low), math.log(high)))
+    low_end, high_end = (math.exp(math.log(bound) + sign * 1e-3) for bound, sign in ((low, 1), (high, -1)))
+    if not low_end < best < high_end:  # the loss still falls at the range's end: no temperature fits
+        return None
+    after = log_loss(confidences_at(best))
+    if not after < before:  # no better than T = 1 (within the search's precision): keep the model as it is
+        best, after = 1.0, before
+    return {"temperature": round(best, 6), "objective": "confidence", "nll_before": before, "nll_after": after,
+            "labels": len(pairs)}
+
+
 def mean_nll(head: Any, scored: list[tuple[dict, torch.Tensor]], temperature: float, accelerator: Any = None
              ) -> tuple[float, int]:
     """(mean negative log-likelihood of the gold labels at `temperature`, how many labels), over every process."""
@@ -69,9 +137,11 @@ def mean_nll(head: Any, scored: list[tuple[dict, torch.Tensor]], temperature: fl
 
 
 def fit_temperature(head: Any, scored: list[tuple[dict, torch.Tensor]], accelerator: Any = None) -> dict | None:
-    """Fit the temperature on scored validation batches (they must carry the gold `labels`).
+    """Fit the temperature on scored validation batches (they must carry the gold `labels`) by the head's negative
+    log-likelihood of the gold labels (the fallback of `calibrate`).
 
-    Returns {"temperature", "nll_before", "nll_after", "labels"} or None when the batches have no gold labels."""
+    Returns {"temperature", "objective": "label", "nll_before", "nll_after", "labels"} or None when the batches have
+    no gold labels."""
     if not scored or "labels" not in scored[0][0]:
         return None
     before, count = mean_nll(head, scored, 1.0, accelerator)
@@ -83,7 +153,22 @@ def fit_temperature(head: Any, scored: list[tuple[dict, torch.Tensor]], accelera
     after, _ = mean_nll(head, scored, best, accelerator)
     if not after < before:  # no better than T = 1 (within the search's precision): keep the model as it is
         best, after = 1.0, before
-    return {"temperature": round(best, 6), "nll_before": before, "nll_after": after, "labels": count}
+    return {"temperature": round(best, 6), "objective": "label", "nll_before": before, "nll_after": after,
+            "labels": count}
+
+
+def calibrate(head: Any, scored: list[tuple[dict, torch.Tensor]],
+              confidences_at: Callable[[float], Sequence[tuple[float, bool]] | None] | None,
+              accelerator: Any = None, objective: str = "confidence") -> dict | None:
+    """The temperature of a model from its scored validation batches. objective "confidence": fitted to the
+    confidences the task judges (`fit_temperature_to_confidences`) where it can be, else to the gold labels'
+    likelihood; "label": to the gold labels' likelihood (`fit_temperature`)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"calibration objective {objective!r}: expected one of {sorted(OBJECTIVES)}")
+    fitted = None
+    if objective == "confidence" and confidences_at is not None:
+        fitted = fit_temperature_to_confidences(confidences_at)
+    return fitted if fitted is not None else fit_temperature(head, scored, accelerator)
 
 
 def calibration_section(temperature: dict | None, rows: list[tuple[str, float | None, float | None]], note: str,
@@ -93,9 +178,11 @@ def calibration_section(temperature: dict | None, rows: list[tuple[str, float | 
     if temperature is None:
         lines.append("temperature: not fitted (no validation set with labels): confidences are the raw ones")
     else:
-        lines.append(f"temperature {temperature['temperature']:.4f}, fitted on the validation set by negative "
-                     f"log-likelihood ({temperature['nll_before']:.4f} -> {temperature['nll_after']:.4f} over "
-                     f"{temperature['labels']} labels); stored in model/bert_ft.json, used by predict; "
+        objective = temperature.get("objective", "label")
+        counted = "predictions" if objective == "confidence" else "labels"
+        lines.append(f"temperature {temperature['temperature']:.4f}, fitted on the validation set by "
+                     f"{OBJECTIVES[objective]} ({temperature['nll_before']:.4f} -> {temperature['nll_after']:.4f} "
+                     f"over {temperature['labels']} {counted}); stored in model/bert_ft.json, used by predict; "
                      f"predictions changed by it: {changed}")
     lines.append(f"expected calibration error ({ECE_BINS} equal-width bins)   before     after")
     for split, before, after in rows:

@@ -86,6 +86,12 @@ class TrainConfig:
     output_dir: str = flag("runs/latest", "run folder: metrics.json, report.txt, predictions, model/")
     overwrite_output_dir: bool = flag(False, "allow reusing an output_dir that holds another run")
     early_stopping_patience: int | None = flag(None, "stop after N epochs without a better validation score")
+    calibration_objective: str = flag("confidence", "what the temperature fitted on validation at the end "
+                                      "minimises: the log loss of the confidences that calibration is judged on "
+                                      "(confidence: NER entity span probabilities, the predicted class's "
+                                      "probability; the label NLL instead where validation has under 10 right "
+                                      "or 10 wrong predictions) or the gold labels' negative log-likelihood "
+                                      "(label)", choices=("confidence", "label"))
     save_steps: int | None = flag(None, "also save a resumable checkpoint every N optimiser steps")
     save_total_limit: int = flag(2, "keep only the last N checkpoint-STEP folders")
     resume_from_checkpoint: str | None = flag(None, "'latest' or a checkpoint-STEP folder to resume from")

@@ -187,6 +187,14 @@ class Task:
         """Score per-feature model outputs (aligned with `features`) against the examples' gold labels."""
         raise NotImplementedError
 
+    def confidences(self, examples: list[Any], features: Features, outputs: list[dict], labels: list[str]
+                    ) -> list[tuple[float, bool]] | None:
+        """(confidence, correct) per prediction: what calibration is judged on (the pairs `evaluate` reports as
+        `Evaluation.confidences`) and what the temperature is fitted to, the validation outputs decoded again at
+        every temperature tried. The default runs `evaluate` and takes its pairs; a task overrides it with just the
+        pairs (faster; `evaluate` must report the same ones). None: the task has no confidences."""
+        return self.evaluate(examples, features, outputs, labels, "(calibration)").confidences
+
     def write_predictions(self, path: str, examples: list[Any], predictions: list[Any]) -> None:
         """Write the predictions file atomically, one entry per example in input order."""
         raise NotImplementedError
@@ -235,7 +243,8 @@ class ClassificationTask(Task):
         return [labels[int(output["pred"])] for output in self.per_example(examples, features, outputs)]
 
     def confidences(self, examples, features, outputs, labels) -> list[tuple[float, bool]]:
-        """(probability of the predicted class, prediction == gold) per example: what calibration is judged on."""
+        """(probability of the predicted class, prediction == gold) per example: what calibration is judged on and
+        fitted to."""
         return [(float(output["probs"][int(output["pred"])]),
                  labels[int(output["pred"])] == getattr(example, self.label_attribute))
                 for example, output in zip(examples, self.per_example(examples, features, outputs))]

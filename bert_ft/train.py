@@ -37,7 +37,7 @@ from .dataset import DataCache, take
 from .checks import check_label_variety, check_output_dir_path, clamp_max_seq_length
 from .encoder import load_config, load_tokenizer, resolve_model_path, transfer_encoder
 from .errors import DataError, TrainingDiverged, UsageError
-from .calibration import calibration_section, expected_calibration_error, fit_temperature
+from .calibration import calibrate, calibration_section, expected_calibration_error
 from .heads import has_score_seam, read_meta, save_model, write_temperature
 from .inference import decode_batches, eval_loader, infer, score_batches
 from .io import atomic_write_json, atomic_write_text
@@ -582,13 +582,15 @@ def train_epoch(epoch: int, training: Training, state: TrainerState, config: Tra
     monitor.fold()
 
 
-def score_splits(task: Task, data: Data, training: Training) -> tuple[dict | None, dict]:
+def score_splits(task: Task, data: Data, training: Training, objective: str = "confidence"
+                 ) -> tuple[dict | None, dict]:
     """Score validation and test with the best model, fitting a temperature on validation in between.
 
-    The encoder runs once per split (`score_batches`); the stored scores are decoded at the fitted temperature and
-    at 1 (for the uncalibrated ECE). Returns (the fit, or None without validation labels; {split: (evaluation,
-    evaluation with raw confidences, seconds)}). A head without the scores/decode_scores seam is evaluated as
-    during training and not calibrated."""
+    The encoder runs once per split (`score_batches`); the temperature is fitted on the stored validation scores
+    (`calibrate` with `objective`; the confidence fit decodes them again at every temperature it tries), then each
+    split's scores are decoded at the fitted temperature and at 1 (for the uncalibrated ECE). Returns (the fit, or
+    None without validation labels; {split: (evaluation, evaluation with raw confidences, seconds)}). A head
+    without the scores/decode_scores seam is evaluated as during training and not calibrated."""
     present = [split for split in ("validation", "test") if split in data.features]
     scored, seconds = {}, {}
     if has_score_seam(training.network):
@@ -596,8 +598,11 @@ def score_splits(task: Task, data: Data, training: Training) -> tuple[dict | Non
             start = time.perf_counter()
             scored[split] = score_batches(training.model, training.eval_loaders[split], training.accelerator)
             seconds[split] = time.perf_counter() - start
-    calibration = fit_temperature(training.network, scored["validation"], training.accelerator) \
-        if "validation" in scored else None
+    calibration = None
+    if "validation" in scored:
+        calibration = calibrate(training.network, scored["validation"],
+                                validation_confidences(training, task, data, scored["validation"]),
+                                training.accelerator, objective)
     training.network.temperature = calibration["temperature"] if calibration else 1.0
     evaluations = {}
     for split in present:
@@ -608,6 +613,18 @@ def score_splits(task: Task, data: Data, training: Training) -> tuple[dict | Non
             evaluation, split_seconds = evaluate_split(training, task, data, split)
             evaluations[split] = (evaluation, evaluation, split_seconds)
     return calibration, evaluations
+
+
+def validation_confidences(training: Training, task: Task, data: Data, scored: list):
+    """T -> the validation set's (confidence, correct) pairs with confidences at T: the stored scores decoded at T
+    (gathered, so every process gets all pairs) and judged by the task."""
+    features, examples = data.features["validation"], data.splits.validation
+
+    def confidences_at(temperature: float) -> list[tuple[float, bool]] | None:
+        outputs = decode_batches(training.network, scored, len(features), training.accelerator, temperature)
+        return task.confidences(examples, features, outputs, data.labels)
+
+    return confidences_at
 
 
 def calibration_results(calibration: dict | None, evaluations: dict) -> tuple[dict, str | None]:
@@ -628,7 +645,8 @@ def calibration_results(calibration: dict | None, evaluations: dict) -> tuple[di
         rows.append((f"{split} ({len(raw.confidences)} predictions)", before, after))
         note = evaluation.confidence_note
     if calibration:
-        metrics.update(calibration_temperature=calibration["temperature"], calibration_changed_predictions=changed)
+        metrics.update(calibration_temperature=calibration["temperature"],
+                       calibration_objective=calibration["objective"], calibration_changed_predictions=changed)
     return metrics, calibration_section(calibration, rows, note, changed) if rows else None
 
 
@@ -764,7 +782,7 @@ def final_scoring(task: Task, config: TrainConfig, data: Data, training: Trainin
     report_sections = [f"bert-ft {task.name} run: {config.output_dir}",
                        f"best epoch: {state.best_epoch} (by validation {task.metric})" if "validation" in data.features
                        else "no validation set: the last epoch is kept"]
-    calibration, evaluations = score_splits(task, data, training)
+    calibration, evaluations = score_splits(task, data, training, config.calibration_objective)
     test_evaluation = None
     for split, prefix in (("validation", "eval"), ("test", "test")):
         if split not in evaluations:

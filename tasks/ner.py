@@ -703,11 +703,7 @@ class NerTask(Task):
         words = self.word_predictions(examples, features, outputs, labels)
         gold = [example.tags for example in examples]
         predicted = [[tag for tag, _ in sentence] for sentence in words]
-        confidences = []  # one per predicted entity: its probability, and whether span and type are right
-        for tags, entities in zip(gold, self.entity_probabilities(examples, features, outputs, labels, words)):
-            gold_entities = set(get_entities(tags))
-            confidences.extend((probability, (entity_type, first, last) in gold_entities)
-                               for entity_type, first, last, probability in entities)
+        confidences = self.confidences(examples, features, outputs, labels, words)
         metrics = {
             "f1": f1_score(gold, predicted), "precision": precision_score(gold, predicted),
             "recall": recall_score(gold, predicted),
@@ -727,6 +723,18 @@ class NerTask(Task):
                   + format_table(rows, ["type", "P", "R", "F1", "strict P", "strict R", "strict F1", "support"]))
         return Evaluation(metrics, report, predicted, entity_confusion(gold, predicted), confidences,
                           "each predicted entity's probability; correct = exact span and type")
+
+    def confidences(self, examples, features, outputs, labels, words_of: list | None = None
+                    ) -> list[tuple[float, bool]]:
+        """One pair per predicted entity: its probability (`entity_probabilities`) and whether a gold entity has
+        exactly its span and type (what calibration is judged on and fitted to)."""
+        pairs = []
+        for example, entities in zip(examples, self.entity_probabilities(examples, features, outputs, labels,
+                                                                         words_of)):
+            gold_entities = set(get_entities(example.tags))
+            pairs.extend((probability, (entity_type, first, last) in gold_entities)
+                         for entity_type, first, last, probability in entities)
+        return pairs
 
     def write_predictions(self, path: str, examples: list[NerExample], predictions: list[list[str]]) -> None:
         lines = []

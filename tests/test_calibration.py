@@ -1,5 +1,6 @@
-"""Calibration: ECE, temperature fitting (recovers a known temperature), CRF span marginals against brute force,
-temperatures that never change a prediction, and the end of a training run (temperature stored, ECE reported)."""
+"""Calibration: ECE, temperature fitting (both objectives recover a known temperature), CRF span marginals against
+brute force, temperatures that never change a prediction, fits that do not depend on how the batches are cut, and
+the end of a training run (temperature stored, ECE reported)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,25 @@ import itertools
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from bert_ft import TrainConfig, finetune, load_model, predict
-from bert_ft.calibration import expected_calibration_error, fit_temperature, golden_section_minimum
+from bert_ft.calibration import (OBJECTIVES, calibrate, expected_calibration_error, fit_temperature,
+                                 fit_temperature_to_confidences, golden_section_minimum, grid_then_golden_minimum,
+                                 log_loss)
 from bert_ft.crf import CRF, iob2_transition_mask
 from bert_ft.export import EncoderStandIn
 from bert_ft.heads import Head
 from tasks import TASKS
-from tasks.ner import TokenTagger
+from bert_ft.inference import decode_batches
+from bert_ft.task import Features
+from tasks.ner import NerExample, NerTask, TokenTagger
+
+from .conftest import ROOT
 
 LABELS = ["O", "B-X", "I-X"]
 
@@ -36,6 +45,14 @@ def test_ece_of_known_bins():
 
 def test_golden_section_finds_the_minimum():
     assert golden_section_minimum(lambda x: (x - 1.3) ** 2, -5, 5) == pytest.approx(1.3, abs=1e-6)
+    # Two local minima: the grid finds the lower one's bracket, the golden section the point.
+    bumpy = lambda x: min((x + 2) ** 2 + 0.5, (x - 1.3) ** 2)  # noqa: E731
+    assert grid_then_golden_minimum(bumpy, -3, 3) == pytest.approx(1.3, abs=1e-5)
+
+
+def test_log_loss():
+    assert log_loss([(0.8, True), (0.8, False)]) == pytest.approx(-(math.log(0.8) + math.log(0.2)) / 2)
+    assert math.isfinite(log_loss([(1.0, False), (0.0, True)]))  # clipped: a float32 1.0 can be wrong
 
 
 class _Logits:
@@ -59,6 +76,48 @@ def test_fitted_temperature_recovers_the_over_confidence_of_synthetic_logits():
         confident = list(zip((over_confident / fitted["temperature"]).softmax(-1).max(-1).values.tolist(), correct))
         raw = list(zip(over_confident.softmax(-1).max(-1).values.tolist(), correct))
         assert expected_calibration_error(confident) < expected_calibration_error(raw) / 2
+
+
+def test_confidence_fit_recovers_the_over_confidence_of_synthetic_logits():
+    """The log loss of (predicted class's probability, correct) is a proper score: at the true temperature every
+    confidence is the true probability of being right, so the fit finds it (multiclass: not the label NLL's
+    objective, the same minimiser)."""
+    generator = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(20000, 5, generator=generator) * 2
+    labels = torch.multinomial(true_logits.softmax(-1), 1, generator=generator).squeeze(1)
+    for temperature in (0.5, 2.5):
+        over_confident = true_logits * temperature
+        correct = (over_confident.argmax(-1) == labels).tolist()
+
+        def confidences_at(t: float) -> list:
+            return list(zip((over_confident / t).softmax(-1).max(-1).values.tolist(), correct))
+
+        fitted = fit_temperature_to_confidences(confidences_at)
+        assert fitted["objective"] == "confidence" and fitted["labels"] == 20000
+        assert fitted["temperature"] == pytest.approx(temperature, rel=0.05)
+        assert fitted["nll_after"] < fitted["nll_before"]
+        assert expected_calibration_error(confidences_at(fitted["temperature"])) < \
+            expected_calibration_error(confidences_at(1.0)) / 2
+
+
+def test_confidence_fit_falls_back_where_it_cannot_fit():
+    """No pairs, all right / all wrong or fewer than 10 of either (no minimum inside the range, or noise), or
+    confidences that carry no information (the minimum at the range's end): the label NLL fit."""
+    for pairs in ([], [(0.9, True)] * 50, [(0.9, False)] * 50, [(0.9, True)] * 50 + [(0.6, False)] * 9):
+        assert fit_temperature_to_confidences(lambda t, pairs=pairs: pairs) is None
+    # Right or wrong at random whatever the confidence: the loss keeps falling towards T = 20 (confidence 1/2).
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(500, 2, generator=generator) * 3
+    coin = (torch.rand(500, generator=generator) < 0.5).tolist()
+    assert fit_temperature_to_confidences(
+        lambda t: list(zip((logits / t).softmax(-1).max(-1).values.tolist(), coin))) is None
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(400, 3, generator=generator) * 3
+    labels = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    scored = [({"labels": labels}, logits)]
+    fitted = calibrate(_Logits(), scored, lambda t: [(0.9, True)] * 5)
+    assert fitted["objective"] == "label" and fitted == fit_temperature(_Logits(), scored)
+    assert calibrate(_Logits(), scored, None)["objective"] == "label"
 
 
 def _tagger(use_crf: bool, seed: int = 0) -> TokenTagger:
@@ -108,6 +167,107 @@ def test_crf_temperature_fit_recovers_a_scaled_crf():
     batch = _word_batch([length] * len(tags), tags)
     fitted = fit_temperature(tagger, [(batch, scores)])
     assert fitted["temperature"] == pytest.approx(2.0, rel=0.1)
+
+
+def _ner_split(tags: torch.Tensor, lengths: list[int]) -> tuple[list, Features]:
+    """Examples (one per row of gold tag ids) and one window per example, every token a word start, as the layout
+    of `_word_batch`: what NerTask.confidences reads."""
+    examples = [NerExample([f"w{index}" for index in range(length)], [LABELS[tag] for tag in row[:length]], "x", 1)
+                for row, length in zip(tags.tolist(), lengths)]
+    features = Features([{"word_starts": [1] * length} for length in lengths], list(range(len(lengths))),
+                        list(lengths), [(0, length) for length in lengths])
+    return examples, features
+
+
+def _entity_confidences(tagger: TokenTagger, scored: list, examples: list, features: Features):
+    """T -> NerTask.confidences of the decoded batches (what training's fit calls)."""
+    def confidences_at(temperature: float) -> list:
+        outputs = decode_batches(tagger, scored, len(features), temperature=temperature)
+        return NerTask().confidences(examples, features, outputs, LABELS)
+
+    return confidences_at
+
+
+def _with_index(batch: dict, start: int) -> dict:
+    return {**batch, "feature_index": torch.arange(start, start + len(batch["example_row"]))}
+
+
+def test_entity_confidence_fit_recovers_a_scaled_crf():
+    """Gold tags drawn from a CRF, the model's potentials that CRF's times 2: fitted on the predicted entities'
+    span probabilities and whether they are right (not on the tags' likelihood), the fit finds T = 2."""
+    generator = torch.Generator().manual_seed(2)
+    tagger = _tagger(use_crf=True, seed=3)
+    truth = tagger.crf.scaled(2.0)
+    sentences, length, draws = 100, 4, 20
+    true_emissions = torch.randn(sentences, length, 3, generator=generator) * 1.5
+    tags = torch.cat([_sample_paths(truth, true_emissions[row], length, draws, generator)
+                      for row in range(sentences)])
+    examples, features = _ner_split(tags, [length] * len(tags))
+    # Each sentence is decoded once; its draws share that output (the same emissions, other gold tags).
+    scored = [(_with_index(_word_batch([length] * sentences), 0), true_emissions * 2)]
+
+    def confidences_at(temperature: float) -> list:
+        decoded = decode_batches(tagger, scored, sentences, temperature=temperature)
+        return NerTask().confidences(examples, features, [decoded[index // draws] for index in range(len(tags))],
+                                     LABELS)
+
+    fitted = calibrate(tagger, scored, confidences_at)
+    assert fitted["objective"] == "confidence" and fitted["labels"] > len(tags)
+    assert fitted["temperature"] == pytest.approx(2.0, rel=0.1)
+
+
+@pytest.mark.parametrize("use_crf", [False, True])
+def test_entity_confidence_fit_changes_no_prediction_and_ignores_how_batches_are_cut(use_crf):
+    """The predicted entities and whether they are right are the same at every temperature (only confidences
+    move); the fit on one batch equals the fit on the same rows cut into pieces (as processes hold them before the
+    gather), and decoding at the fitted temperature predicts what T = 1 does."""
+    generator = torch.Generator().manual_seed(4)
+    tagger = _tagger(use_crf)
+    lengths = [int(value) for value in torch.randint(1, 9, (48,), generator=generator)]
+    scores = torch.randn(48, 8, 3, generator=generator) * 4
+    gold = torch.randint(0, 3, (48, 8), generator=generator)
+    gold = torch.where(torch.rand(48, 8, generator=generator) < 0.6, scores.argmax(-1), gold)  # mostly right
+    examples, features = _ner_split(gold, lengths)
+    whole = [(_with_index(_word_batch(lengths), 0), scores)]
+    pieces = []
+    for start, end in ((0, 5), (5, 29), (29, 48)):
+        width = max(lengths[start:end])
+        pieces.append((_with_index(_word_batch(lengths[start:end]), start), scores[start:end, :width]))
+    confidences_at = _entity_confidences(tagger, whole, examples, features)
+    plain = confidences_at(1.0)
+    assert 0 < sum(correct for _, correct in plain) < len(plain)
+    for temperature in (0.4, 1.7, 6.0):
+        moved = confidences_at(temperature)
+        assert [correct for _, correct in moved] == [correct for _, correct in plain]
+        assert [value for value, _ in moved] != [value for value, _ in plain]
+    fitted = calibrate(tagger, whole, confidences_at)
+    assert fitted["objective"] == "confidence"
+    assert fitted == calibrate(tagger, pieces, _entity_confidences(tagger, pieces, examples, features))
+    before = decode_batches(tagger, whole, len(features), temperature=1.0)
+    after = decode_batches(tagger, whole, len(features), temperature=fitted["temperature"])
+    assert all((a["pred"] == b["pred"]).all() for a, b in zip(before, after))
+
+
+def test_two_ranks_fit_the_temperature_one_process_fits(tmp_path):
+    """Each of 2 ranks decodes its own half of the validation batches and the outputs are gathered: both objectives
+    find the temperature that one process finds on all of them (tests/two_rank_fit.py). The confidence fit sees
+    the very same gathered pairs, so exactly; the label fit sums float32 per-batch losses in another grouping."""
+    result = str(tmp_path / "fits.json")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+               os.path.join(ROOT, "tests", "two_rank_fit.py"), result]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(result, encoding="utf-8") as handle:
+        found = json.load(handle)
+    assert found["num_processes"] == 2
+    for name, fits in found["fits"].items():
+        assert fits["ranks"]["objective"] == fits["one"]["objective"] == name.split()[1], name
+        if name.endswith("confidence"):
+            assert fits["ranks"] == fits["one"], name
+        else:
+            assert fits["ranks"]["temperature"] == pytest.approx(fits["one"]["temperature"], rel=1e-3), name
+        assert fits["ranks"]["labels"] == fits["one"]["labels"], name
 
 
 def _brute_force(crf: CRF, emissions: torch.Tensor, length: int) -> dict:
@@ -207,11 +367,15 @@ def test_training_fits_stores_and_reports_a_temperature(calibrated_run):
     for key in ("eval_ece", "eval_ece_calibrated", "test_ece", "test_ece_calibrated", "calibration_temperature"):
         assert isinstance(metrics[key], float), key
     assert metrics["calibration_changed_predictions"] == 0
+    # A tiny model at chance level: the confidence fit finds no minimum inside the range, the label NLL fit is used.
+    assert metrics["calibration_objective"] in ("confidence", "label")
     with open(os.path.join(calibrated_run, "model", "bert_ft.json"), encoding="utf-8") as handle:
         meta = json.load(handle)
     assert meta["temperature"] == metrics["calibration_temperature"] and meta["calibration"]["fitted_on"]
+    assert meta["calibration"]["objective"] == metrics["calibration_objective"]
     report = open(os.path.join(calibrated_run, "report.txt"), encoding="utf-8").read()
     assert "== calibration ==" in report and "expected calibration error (15 equal-width bins)" in report
+    assert OBJECTIVES[metrics["calibration_objective"]] in report
     # predict uses the stored temperature: the same as decoding the raw scores at it.
     model, tokenizer, _ = load_model(os.path.join(calibrated_run, "model"), TASKS)
     assert model.temperature == metrics["calibration_temperature"]

@@ -145,10 +145,36 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ two processes
 
+def refit_temperature(run_dir: str, validation_file: str, count: int, batch_size: int) -> dict:
+    """The end-of-training temperature fit again in this one process, from the run's saved model."""
+    from bert_ft.calibration import calibrate
+    from bert_ft.data import Collator
+    from bert_ft.heads import load_model
+    from bert_ft.inference import decode_batches, eval_loader, score_batches
+
+    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    model, tokenizer, meta = load_model(os.path.join(run_dir, "model"), TASKS)
+    task = TASKS["ner"](TASKS["ner"].options_type(**meta["task_options"]))
+    examples = task.read(validation_file)[:count]
+    features = task.encode(examples, tokenizer, meta["max_seq_length"], model.labels)
+    collator = Collator(task.pad_values(tokenizer), pack=config["packing"] == "on")
+    scored = score_batches(model, eval_loader(features, collator, batch_size))
+
+    def confidences_at(temperature: float) -> list:
+        outputs = decode_batches(model, scored, len(features), temperature=temperature)
+        return task.confidences(examples, features, outputs, model.labels)
+
+    fitted = calibrate(model, scored, confidences_at, objective=config["calibration_objective"])
+    assert fitted["objective"] == read_metrics(run_dir)["calibration_objective"]
+    return fitted
+
+
 def test_two_processes_train_and_evaluate_every_example_once(tiny_model_dir, tmp_path):
     output_dir = str(tmp_path / "ddp")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               os.path.join(ROOT, "run_task.py"), *tiny_args(tiny_model_dir, output_dir)]
+               os.path.join(ROOT, "run_task.py"), *tiny_args(tiny_model_dir, output_dir),
+               "--per_device_eval_batch_size", "10"]  # 4 validation batches of 10: each rank scores 2
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -161,6 +187,11 @@ def test_two_processes_train_and_evaluate_every_example_once(tiny_model_dir, tmp
 
     gold = NerTask().read(os.path.join(SAMPLES, "ner_test.txt"))[:40]
     assert [[line.split()[0] for line in block.split("\n")] for block in sentences] == [e.words for e in gold]
+    # The temperature the 2 ranks fitted on their validation batches is the one a single process fits on the same
+    # saved model and batches. (The batches split evenly: with a duplicate that even_batches adds, the label NLL
+    # fallback, which sums each rank's losses, would count it twice; the confidence fit decodes gathered outputs.)
+    assert metrics["calibration_temperature"] == pytest.approx(
+        refit_temperature(output_dir, os.path.join(SAMPLES, "ner_dev.txt"), 40, 10)["temperature"], rel=1e-3)
     single = str(tmp_path / "single")
     assert main(TASKS, tiny_args(tiny_model_dir, single)) == 0
     # Same data, same epochs; 2 ranks see the batches in a different grouping, so only "within noise".
