@@ -128,8 +128,9 @@ def main() -> None:
     if "speed" not in options.skip and options.baseline:
         corpus = os.path.join(options.work_dir, "train-2000.txt")
         write_corpus(train, 2000, corpus)
-        for side, checkout in (("new", ROOT), ("baseline", options.baseline)):
-            for repeat in range(options.repeats):
+        # Alternate the sides (new, baseline, new, ...) so that any load on the machine falls on both alike.
+        for repeat in range(options.repeats):
+            for side, checkout in (("new", ROOT), ("baseline", options.baseline)):
                 name = f"speed-{side}-{repeat}"
                 if name in results:
                     continue
