@@ -25,14 +25,18 @@ def read_text_lines(path: str) -> list[str]:
 SNIFF_BYTES = 1 << 20  # the first MiB shows a UTF-16/32 file's byte pattern
 
 
+def require_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise DataError(path, None, "file not found", "check the path (relative paths start at the current folder)")
+
+
 def iter_text_lines(path: str) -> Iterator[str]:
     """The lines of a UTF-8 text file, one at a time (memory stays flat for any file size): a BOM and CRLF endings
     are accepted; a missing or empty file, UTF-16/32, NUL bytes and invalid UTF-8 raise a DataError naming the line.
 
     Lines are split on "\n" only: str.splitlines would also break inside JSON strings at U+2028, U+0085 and friends.
     """
-    if not os.path.isfile(path):
-        raise DataError(path, None, "file not found", "check the path (relative paths start at the current folder)")
+    require_file(path)
     with open(path, "rb") as handle:
         head = handle.read(SNIFF_BYTES)
         _check_head(path, head)
@@ -65,42 +69,30 @@ def iter_text_lines(path: str) -> Iterator[str]:
 
 
 def check_text_file(path: str) -> None:
-    """Raise the DataError `iter_text_lines` would raise anywhere in the file, before any line is parsed: a fast
-    pass in 1 MiB chunks, so a file-level problem (UTF-16, a NUL byte, bad UTF-8) is reported as such and not as
-    whatever parse error its first damaged line causes."""
-    if not os.path.isfile(path):
-        raise DataError(path, None, "file not found", "check the path (relative paths start at the current folder)")
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = lines_before = 0
-    seen_text = False
-    with open(path, "rb") as handle:
-        chunk = handle.read(SNIFF_BYTES)
-        _check_head(path, chunk)
-        if chunk.startswith(b"\xef\xbb\xbf"):
-            chunk, offset = chunk[3:], 3
-        while chunk:
-            if b"\x00" in chunk:
-                line = lines_before + chunk[:chunk.index(b"\x00")].count(b"\n") + 1
-                raise DataError(path, line, f"binary file or NUL byte at line {line}",
-                                "re-save as UTF-8 text (a NUL byte never belongs in a text file)")
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError:
-                # Locate the bad byte exactly by decoding the chunk's lines (the error may start in the last chunk).
-                for line in iter_text_lines(path):
-                    pass
-            seen_text = seen_text or bool(chunk.strip())
-            lines_before += chunk.count(b"\n")
-            offset += len(chunk)
+    """Raise the DataError `iter_text_lines` would raise anywhere in the file, before any line is parsed, so a
+    file-level problem (UTF-16, a NUL byte, bad UTF-8, no text) is reported as such and not as whatever parse error
+    its first damaged line causes. A fast pass in 1 MiB chunks finds whether there is a problem; only then does the
+    line-by-line reader run, to name it exactly."""
+    if os.path.isfile(path):
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        seen_text = False
+        with open(path, "rb") as handle:
             chunk = handle.read(SNIFF_BYTES)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            for line in iter_text_lines(path):
+            _check_head(path, chunk)
+            if chunk.startswith(b"\xef\xbb\xbf"):
+                chunk = chunk[3:]
+            try:
+                while chunk and b"\x00" not in chunk:
+                    decoder.decode(chunk)
+                    seen_text = seen_text or bool(chunk.strip())
+                    chunk = handle.read(SNIFF_BYTES)
+                decoder.decode(b"", final=True)
+                if seen_text and not chunk:
+                    return  # clean text to the end
+            except UnicodeDecodeError:
                 pass
-    if not seen_text:
-        for line in iter_text_lines(path):  # raises the empty-file message
-            pass
+    for _ in iter_text_lines(path):  # a problem was seen (or there is no file): this raises it, naming the line
+        pass
 
 
 def _check_head(path: str, raw: bytes) -> None:

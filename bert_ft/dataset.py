@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import BertFtError, DataError, UsageError
+from .data import require_file
+from .errors import BertFtError, UsageError
 from .io import atomic_write_json
 from .task import Features
 
@@ -347,8 +348,7 @@ class DataCache:
         import datasets
         from datasets.arrow_writer import ArrowWriter
 
-        if not os.path.isfile(path):
-            raise DataError(path, None, "file not found", "check the path (relative paths start at the current folder)")
+        require_file(path)
         key = _digest("examples", task_signature(task), file_digest(path))
         folder = os.path.join(self.root, "examples", key)
         done = os.path.join(folder, "done.json")

@@ -213,8 +213,7 @@ def _example(record: dict, columns: _Columns, path: str, line: int, ordinal: int
                            values.get("second text"))
 
 
-def _delimited_rows(path: str, delimiter: str, options: SentenceOptions
-                    ) -> Iterator[tuple[str, int, list[str] | None]]:
+def _delimited_rows(path: str, delimiter: str) -> Iterator[tuple[str, int, list[str] | None]]:
     """("header", line, cells) once, then ("row", line, cells) per non-blank row, streamed from the file."""
     name = "TSV" if delimiter == "tsv" else ("CSV" if delimiter == "," else f"{delimiter!r}-separated")
     with open(path, encoding="utf-8-sig", newline="") as handle:
@@ -250,7 +249,7 @@ def read_delimited(path: str, delimiter: str, options: SentenceOptions) -> Itera
     """TSV (GLUE style: no quoting, a quote is text) or CSV (RFC 4180 quoting) with a header row, streamed. When
     the text column must be inferred, a first pass finds the identifier columns (unique integers)."""
     columns, header_line, count = None, 0, 0
-    for kind, line, cells in _delimited_rows(path, delimiter, options):
+    for kind, line, cells in _delimited_rows(path, delimiter):
         if kind == "header":
             header, header_line = cells, line
             repeated = sorted({name for name in header if header.count(name) > 1})
@@ -259,7 +258,7 @@ def read_delimited(path: str, delimiter: str, options: SentenceOptions) -> Itera
                                 "give every column a distinct name")
             columns = _Columns(options, header, path, header_line, defer=True)
             if columns.text is None:  # no --text_column and no 'sentence' column: infer it from all the rows
-                rows = (dict(zip(header, row)) for row_kind, _, row in _delimited_rows(path, delimiter, options)
+                rows = (dict(zip(header, row)) for row_kind, _, row in _delimited_rows(path, delimiter)
                         if row_kind == "row")
                 candidates = [name for name in header if name not in (columns.label, columns.id)]
                 integer_columns, rows_seen = _unique_integer_columns(rows, candidates)
