@@ -86,11 +86,14 @@ def check_label_variety(task: Any, train_examples: Iterable[Any], source: str) -
     Uses only `task.labels_of(example)`. Tag sets (O, B-X, I-X, ...) are recognised by their form: they need at
     least one entity tag; a single entity type is fine. Classes of whole examples need at least two classes.
     """
-    examples = list(train_examples)
+    # One streaming pass (a cached table builds its examples batch by batch): a list of a million example objects
+    # would cost gigabytes for a check that needs only the label counts.
     counts: Counter = Counter()
-    for example in examples:
+    total = 0
+    for example in train_examples:
         counts.update(task.labels_of(example))
-    if not examples or not counts:
+        total += 1
+    if not total or not counts:
         raise DataError(source, None, "no training example with a label",
                         "check the file (and --max_train_samples / --validation_split, which take examples away)")
     labels = set(counts)
@@ -98,7 +101,7 @@ def check_label_variety(task: Any, train_examples: Iterable[Any], source: str) -
         if labels == {"O"}:
             raise DataError(
                 source, None,
-                f"no entity in the training data: all {counts['O']} tags of the {len(examples)} training examples "
+                f"no entity in the training data: all {counts['O']} tags of the {total} training examples "
                 "are 'O'; a tagger needs at least one entity type",
                 "check that the tag is the last column and that the right file was given (and, with "
                 "--max_train_samples, that the first examples hold entities)")

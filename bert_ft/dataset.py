@@ -167,13 +167,32 @@ class ExampleSchema:
 
 class ExampleTable(Sequence):
     """A split's examples on disk: a read-only sequence that builds example objects on access (`__iter__` in
-    batches), so a million training sentences cost no Python objects until they are used."""
+    batches), so a million training sentences cost no Python objects until they are used. The Arrow file is
+    memory-mapped on first use; `release` unmaps it (see there)."""
 
-    def __init__(self, dataset: Any, schema: ExampleSchema, key: str) -> None:
-        self.dataset, self.schema, self.key = dataset, schema, key
+    def __init__(self, path: str, schema: ExampleSchema, key: str, positions: np.ndarray | None = None) -> None:
+        self.path, self.schema, self.key, self.positions = path, schema, key, positions
+        self._dataset = None
+        self._length = len(self.dataset)
+
+    @property
+    def dataset(self) -> Any:
+        """The `datasets.Dataset` over the file (only the rows at `positions` for a sub-table)."""
+        if self._dataset is None:
+            import datasets
+
+            dataset = datasets.Dataset.from_file(self.path)
+            self._dataset = dataset if self.positions is None else dataset.select(self.positions)
+        return self._dataset
+
+    def release(self) -> None:
+        """Unmap the file. A full pass (the label checks, encoding) leaves every page of it resident and counted in
+        this process's RSS (file-backed, about 0.25 KB per CoNLL sentence) for as long as it stays mapped; once the
+        split is encoded nothing needs it, and a later access maps it again."""
+        self._dataset = None
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self._length
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -191,7 +210,8 @@ class ExampleTable(Sequence):
     def select(self, indices: Sequence[int]) -> "ExampleTable":
         """A sub-table (no copy: an index map); its key says exactly which rows it holds."""
         positions = np.asarray(indices, dtype=np.int64)
-        return ExampleTable(self.dataset.select(positions), self.schema, _digest(self.key, positions.tobytes()))
+        rows = positions if self.positions is None else self.positions[positions]
+        return ExampleTable(self.path, self.schema, _digest(self.key, positions.tobytes()), rows)
 
 
 def take(examples: Sequence, indices: Sequence[int]) -> Sequence:
@@ -345,7 +365,6 @@ class DataCache:
     # ---------------------------------------------------------------------------------------------- reading
     def examples(self, task: Any, path: str) -> Sequence:
         """The file's examples as an ExampleTable (a list for a task whose examples are not dataclasses)."""
-        import datasets
         from datasets.arrow_writer import ArrowWriter
 
         require_file(path)
@@ -363,7 +382,7 @@ class DataCache:
                 if info["kind"] == "list":  # not a dataclass: nothing stored, read again
                     return list(task.stream(path))
                 schema = ExampleSchema(_import_type(info["kind"]), path)
-                return ExampleTable(datasets.Dataset.from_file(os.path.join(folder, "examples.arrow")), schema, key)
+                return ExampleTable(os.path.join(folder, "examples.arrow"), schema, key)
             os.makedirs(folder, exist_ok=True)
             temp = os.path.join(folder, f".examples-{os.getpid()}.arrow")
             tee = _Tee(sys.stdout)
@@ -403,7 +422,7 @@ class DataCache:
             os.replace(temp, final)
             atomic_write_json(done, {"kind": f"{schema.example_type.__module__}:{schema.example_type.__qualname__}",
                                      "source": os.path.abspath(path), "notes": notes})
-            return ExampleTable(datasets.Dataset.from_file(final), schema, key)
+            return ExampleTable(final, schema, key)
 
     # --------------------------------------------------------------------------------------------- encoding
     def features(self, task: Any, examples: Sequence, tokenizer: Any, max_seq_length: int,
@@ -435,6 +454,7 @@ class DataCache:
                 if raised is not error:
                     raise raised from None
                 raise
+        examples.release()  # encoded: its pages need not stay resident through training (see `release`)
         return arrow_features(mapped)
 
 

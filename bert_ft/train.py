@@ -440,6 +440,8 @@ def set_training_loss(model: torch.nn.Module, task: Task, config: TrainConfig, d
     if config.class_weights == "none" and config.loss == "cross_entropy":
         return None  # the default: no pass over the training examples (a million of them on a large corpus)
     counts = label_counts(task.labels_of(example) for example in data.splits.train)
+    if hasattr(data.splits.train, "release"):
+        data.splits.train.release()  # the pass mapped the whole training table in: unmap it before training
     weights = resolve_class_weights(config.class_weights, data.labels, counts, log)
     if weights is not None:
         log(f"class weights ({config.class_weights}): label, training count, weight\n"

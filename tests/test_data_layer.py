@@ -175,6 +175,31 @@ def test_example_table_is_a_lazy_sequence(tmp_path):
     assert isinstance(np.asarray(table.dataset["line"][:2]), np.ndarray)
 
 
+
+def _mapped(path: str) -> bool:
+    with open("/proc/self/maps", encoding="utf-8") as handle:
+        return any(line.rstrip("\n").endswith(os.path.realpath(path)) for line in handle)
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/maps"), reason="needs /proc (Linux)")
+def test_an_encoded_split_unmaps_its_examples_and_maps_them_again_on_access(tiny_model_dir, tmp_path):
+    """After encoding, the examples file is unmapped, so the pages the label pass and the encoding touched stop
+    counting in the training process's memory; any later access maps it again, sub-tables included."""
+    task, path = NerTask(), os.path.join(SAMPLES, "ner_train.txt")
+    cache = DataCache(str(tmp_path / "cache"))
+    table = cache.examples(task, path)
+    part = table.select([4, 1])
+    examples = task.read(path)
+    labels = task.build_labels(table)
+    assert _mapped(table.path)
+    cache.features(task, table, load_tokenizer(tiny_model_dir), 64, labels)
+    part.release()
+    import gc
+    gc.collect()
+    assert not _mapped(table.path)
+    assert len(table) == len(examples) and table[2] == examples[2] and list(part) == [examples[4], examples[1]]
+    assert _mapped(table.path)
+
 def test_a_moved_file_hits_the_cache_and_names_its_new_path(tmp_path):
     """The key is the content: the same file under another name reuses the entry, and its examples (and so every
     message about them) name the file as it is now."""
@@ -185,3 +210,35 @@ def test_a_moved_file_hits_the_cache_and_names_its_new_path(tmp_path):
     assert {example.path for example in DataCache(root).examples(NerTask(), str(first))} == {str(first)}
     assert {example.path for example in DataCache(root).examples(NerTask(), str(second))} == {str(second)}
     assert len(_entries(root, "examples")) == 1
+
+
+def test_label_variety_check_streams_the_training_examples():
+    """The label checks before training walk the corpus once without keeping it: a list of a million example
+    objects cost 1.5 GB of the 1M-sentence benchmark's peak memory."""
+    import weakref
+    from types import SimpleNamespace
+
+    from bert_ft.checks import check_label_variety
+
+    class Example:
+        def __init__(self, label: str) -> None:
+            self.label = label
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+    most_alive = 0
+
+    def stream(count: int, labels: tuple[str, ...]):
+        nonlocal most_alive
+        for index in range(count):
+            most_alive = max(most_alive, len(alive))
+            example = Example(labels[index % len(labels)])
+            alive.add(example)
+            yield example
+
+    task = SimpleNamespace(labels_of=lambda example: [example.label])
+    check_label_variety(task, stream(5000, ("pos", "neg")), "train.tsv")
+    assert most_alive <= 2  # the one being counted (and the generator's reference to it)
+    with pytest.raises(DataError, match=r"every training example has the label 'pos' \(5000 examples\)"):
+        check_label_variety(task, stream(5000, ("pos",)), "train.tsv")
+    with pytest.raises(DataError, match="all 3000 tags of the 1000 training examples are 'O'"):
+        check_label_variety(SimpleNamespace(labels_of=lambda example: ["O"] * 3), stream(1000, ("O",)), "train.txt")
