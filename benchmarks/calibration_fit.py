@@ -169,8 +169,6 @@ def cross_fit(grid, nll, confidence, repeats: int) -> dict:
     """Fit each objective on a random half of the units, measure the ECE on the other half, `repeats` times."""
     import numpy as np
 
-    from bert_ft.calibration import ECE_BINS
-
     def ece(rows):  # rows: (units, 2 + 3 * bins) at one temperature
         summed = rows.sum(axis=0)
         counts, confidences, correct = np.split(summed[2:], 3)
@@ -323,8 +321,9 @@ def main(argv=None) -> dict:
                                                  for name, fit in fits.items()}, "results": results,
                "scan": scan, "cross_fit": crossed}
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2)
+        from bert_ft.io import atomic_write_json
+
+        atomic_write_json(args.output, summary)
     return summary
 
 

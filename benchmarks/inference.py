@@ -24,7 +24,6 @@ PyTorch's (entities: type and character span; sentence: label).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -203,8 +202,9 @@ def main(argv=None) -> dict:
                "sides": {side: {key: value for key, value in values.items() if key != "_outputs"}
                          for side, values in results.items()}}
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2)
+        from bert_ft.io import atomic_write_json
+
+        atomic_write_json(args.output, summary)
     return summary
 
 

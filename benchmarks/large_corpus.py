@@ -29,6 +29,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
 def read_sentences(path: str) -> list[str]:
@@ -85,9 +86,10 @@ def main() -> None:
         with open(out_json, encoding="utf-8") as handle:
             results = json.load(handle)
 
-    def save() -> None:
-        with open(out_json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=1)
+    def save() -> None:  # atomic: a run killed mid-write must not lose the results a rerun resumes from
+        from bert_ft.io import atomic_write_json
+
+        atomic_write_json(out_json, results)
 
     if "memory" not in options.skip:
         for size in options.sizes:
