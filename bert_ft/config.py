@@ -55,6 +55,8 @@ class TrainConfig:
     per_device_eval_batch_size: int = flag(128, "evaluation batch size per process")
     packing: bool = flag(True, "pack several examples into each training row (random batches without padding; "
                          "off: one example per row, padded)")
+    bulk_dropout: bool = flag(True, "CPU training: draw dropout masks in bulk (same keep probability to 1/65536, "
+                              "about 3x faster than torch's per-element draws; false: torch's dropout)")
     mega_batch_factor: int = flag(1, "with --packing false: sort by length inside shuffled groups of N batches, "
                                   "less padding but can score lower (1 = random batches)")
     learning_rate: float = flag(1e-4, "peak learning rate of the top encoder layer (1e-4 suits small encoders)")

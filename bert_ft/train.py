@@ -34,6 +34,7 @@ from .adversarial import build_adversary
 from .config import TrainConfig, to_dict
 from .data import Collator, FeatureDataset, LengthGroupedSampler, padding_stats
 from .dataset import DataCache, take
+from .cpu import reuse_freed_memory, use_bulk_dropout
 from .checks import check_label_variety, check_output_dir_path, clamp_max_seq_length
 from .encoder import load_config, load_tokenizer, resolve_model_path, transfer_encoder
 from .errors import DataError, TrainingDiverged, UsageError
@@ -383,6 +384,9 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
     model = task.build_model(resolve_model_path(config.model_name_or_path), data.labels, data.tokenizer,
                              config.trust_remote_code)
     class_weights = set_training_loss(model, task, config, data, log)
+    if config.bulk_dropout and accelerator.device.type == "cpu" and not config.torch_compile:
+        switched = use_bulk_dropout(model)
+        log(f"dropout masks drawn in bulk: {', '.join(switched) or 'no dropout layers found'}")
     if config.init_from:
         transfer_encoder(model, config.init_from, log)
     set_frozen(model, config.freeze_encoder, config.freeze_layers)
@@ -722,6 +726,8 @@ def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict
     set_seed(config.seed)
 
     data = prepare_data(task, config, log, accelerator)  # bad input fails here, before anything is written
+    if accelerator.device.type == "cpu":
+        reuse_freed_memory()  # after the data stage: training's large blocks are reused instead of re-faulted
     training = build_training(task, config, data, accelerator, log)
     if config.report_to != "none":
         accelerator.init_trackers("bert_ft", config={key: value for key, value in to_dict(config).items()

@@ -141,7 +141,7 @@ def test_features_collate_into_a_batch_the_head_accepts(tokenizer) -> None:
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "e1_start", "e1_end",
                           "e2_start", "e2_end", "example_row", "example_offset", "example_length", "feature_index"}
     assert batch.pop("feature_index").tolist() == [0, 1]
-    packed = Collator(task.pad_values(tokenizer), pack=True)(list(enumerate(features.inputs)))
+    packed = Collator(task.pad_values(tokenizer), pack=True, row_capacity=32)(list(enumerate(features.inputs)))
     packed.pop("feature_index")
     assert packed["input_ids"].shape[0] == 1  # both examples share one row
     for pooling in ("entity_start", "entity_mean", "cls"):
