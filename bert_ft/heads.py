@@ -238,26 +238,37 @@ def has_score_seam(head: nn.Module) -> bool:
 # ----------------------------------------------------------------------------- [CLS]-only top layer (speed)
 
 def _first_token_forward(layer: nn.Module, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):
-    """A BERT-style top layer computed for position 0 only: (batch, seq, hidden) -> (batch, 1, hidden).
+    """A BERT-style top layer computed for each example's first token only: (rows, seq, hidden) -> (examples, 1,
+    hidden). Padded rows: the example of row r starts at position 0. Packed rows: `first_token_positions` names
+    each example's (row, offset), and its query attends over its own row under that row's block mask.
 
-    The keys and values still come from every position, so the [CLS] output equals the full layer's row 0; the
-    queries, attention output, feed-forward and LayerNorms of the other positions, which nothing reads, are skipped.
+    The keys and values still come from every position, so each [CLS] output equals the full layer's output there;
+    the queries, attention output, feed-forward and LayerNorms of the other positions, which nothing reads, are
+    skipped.
     """
     attention = layer.attention.self
-    batch_size = hidden_states.size(0)
-    head_shape = (batch_size, -1, attention.num_attention_heads, attention.attention_head_size)
-    first = hidden_states[:, :1]  # (batch, 1, hidden)
-    query = attention.query(first).view(head_shape).transpose(1, 2)  # (batch, heads, 1, head_dim)
-    key = attention.key(hidden_states).view(head_shape).transpose(1, 2)  # (batch, heads, seq, head_dim)
-    value = attention.value(hidden_states).view(head_shape).transpose(1, 2)
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.size(-2) > 1:
-        attention_mask = attention_mask[:, :, :1]  # (batch, 1 or heads, 1, seq): the query row we keep
+    heads, head_size = attention.num_attention_heads, attention.attention_head_size
+    key = attention.key(hidden_states).view(*hidden_states.shape[:2], heads, head_size).transpose(1, 2)
+    value = attention.value(hidden_states).view(*hidden_states.shape[:2], heads, head_size).transpose(1, 2)
+    positions = layer.__dict__.get("_first_positions")
+    if positions is None:
+        first = hidden_states[:, :1]  # (rows, 1, hidden)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.size(-2) > 1:
+            attention_mask = attention_mask[:, :, :1]  # (rows, 1 or heads, 1, seq): the query row we keep
+    else:
+        rows, offsets = positions  # (examples,) each
+        first = hidden_states[rows, offsets][:, None]  # (examples, 1, hidden)
+        key, value = key[rows], value[rows]  # (examples, heads, seq, head_dim): each example's own row
+        # (rows, 1, seq, seq) block mask -> the mask row of each example's first token: (examples, 1, 1, seq)
+        attention_mask = attention_mask[rows, :, offsets][:, :, None]
+    batch_size = first.size(0)
+    query = attention.query(first).view(batch_size, 1, heads, head_size).transpose(1, 2)  # (batch, heads, 1, dim)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, None)
     if interface is None:
         from transformers.models.bert.modeling_bert import eager_attention_forward as interface
     context, _ = interface(attention, query, key, value, attention_mask,
                            dropout=attention.dropout.p if attention.training else 0.0, scaling=attention.scaling,
-                           **{name: item for name, item in kwargs.items() if name == "position_ids"})
+                           **{name: item for name, item in kwargs.items() if name == "position_ids" and positions is None})
     context = context.reshape(batch_size, 1, -1)  # (batch, 1, hidden)
     attended = layer.attention.output(context, first)
     return layer.output(layer.intermediate(attended), attended)
@@ -274,8 +285,9 @@ def read_first_token_only(model: nn.Module, classify) -> bool:
     A sequence classifier reads only [CLS] from the top layer, so computing the rest is waste: about 14 % of the
     encoder's FLOPs for a 6-layer model. Enabled only where this transformers version's layer has the BERT layout
     and a check on random input gives the same logits (`classify(model, padded batch)`) as the full forward, padding
-    included; otherwise the model runs unchanged. Only this instance's forward of the top layer is replaced, and
-    `full_top_layer` switches it off for packed rows (whose examples do not all start at position 0).
+    included; otherwise the model runs unchanged. Only this instance's forward of the top layer is replaced;
+    packed rows tell it where their examples start (`first_token_positions`), and `full_top_layer` switches it off
+    (export).
     """
     top = _top_layer(model)
     needed = ("attention", "intermediate", "output")
@@ -303,7 +315,7 @@ def read_first_token_only(model: nn.Module, classify) -> bool:
 
 @contextmanager
 def full_top_layer(model: nn.Module, needed: bool):
-    """Run the stock top layer inside this block (packed rows need every position's output)."""
+    """Run the stock top layer inside this block (an exported graph is the stock encoder's)."""
     top = _top_layer(model)
     replaced = top is not None and "forward" in top.__dict__
     if not (needed and replaced):
@@ -314,6 +326,24 @@ def full_top_layer(model: nn.Module, needed: bool):
         yield
     finally:
         top.forward = fast
+
+
+def reads_first_token_only(model: nn.Module) -> bool:
+    """Whether the [CLS]-only top layer is in place now (`read_first_token_only` on, no `full_top_layer` block)."""
+    top = _top_layer(model)
+    return top is not None and "forward" in top.__dict__
+
+
+@contextmanager
+def first_token_positions(model: nn.Module, rows: torch.Tensor, offsets: torch.Tensor):
+    """Inside this block the [CLS]-only top layer (`read_first_token_only`) computes the first token of each
+    example at (rows[i], offsets[i]) of packed rows, returning (examples, 1, hidden) in example order."""
+    top = _top_layer(model)
+    top._first_positions = (rows, offsets)
+    try:
+        yield
+    finally:
+        del top._first_positions
 
 
 def check_batch(model: nn.Module) -> dict:

@@ -16,8 +16,8 @@ from transformers import AutoModelForSequenceClassification
 from bert_ft.config import flag
 from bert_ft.data import check_text_file, first_content_line, iter_text_lines, read_jsonl_records
 from bert_ft.errors import DataError
-from bert_ft.heads import (ClassifierHead, check_batch, encoder_inputs, example_positions, full_top_layer,
-                           is_packed, read_first_token_only)
+from bert_ft.heads import (ClassifierHead, check_batch, encoder_inputs, example_positions, first_token_positions,
+                           is_packed, read_first_token_only, reads_first_token_only)
 from bert_ft.metrics import classification_report_dict, confusion_matrix, format_classification_report, \
     format_confusion
 from bert_ft.task import INTEGER, ClassificationTask, Evaluation, Features, sample_path
@@ -360,10 +360,15 @@ class SequenceClassifier(ClassifierHead):
         """Class logits (examples, num_labels): what an exported graph computes."""
         if self.classify_first is None:
             return self.model(**encoder_inputs(batch)).logits
-        with full_top_layer(self.model, needed=is_packed(batch)):
-            hidden = self.model.base_model(**encoder_inputs(batch))[0]  # (rows, seq, hidden); (rows, 1, hidden) fast
         rows, offsets = example_positions(batch)
-        return self.classify_first(self.model, hidden[rows, offsets])  # (examples, num_labels)
+        if is_packed(batch) and reads_first_token_only(self.model):
+            # The [CLS]-only top layer, told where each packed example starts: (examples, 1, hidden).
+            with first_token_positions(self.model, rows, offsets):
+                first = self.model.base_model(**encoder_inputs(batch))[0][:, 0]
+        else:
+            hidden = self.model.base_model(**encoder_inputs(batch))[0]  # (rows, seq, hidden); (rows, 1, hidden) fast
+            first = hidden[rows, offsets]  # (examples, hidden)
+        return self.classify_first(self.model, first)  # (examples, num_labels)
 
 
 

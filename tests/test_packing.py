@@ -13,6 +13,7 @@ import torch
 
 from bert_ft.data import Collator, first_fit_decreasing
 from bert_ft.encoder import load_tokenizer
+from bert_ft.heads import full_top_layer
 from bert_ft.train import packing_is_exact
 from tasks.ner import NerExample, NerTask, with_document_context
 from tasks.relation import RelationExample, RelationTask
@@ -142,15 +143,36 @@ def test_packed_rows_equal_padded_rows(case, attention, tiny_model_dir):
     assert packing_is_exact(model, features, task.pad_values(tokenizer))
 
 
-def test_sentence_first_token_fast_path_is_off_for_packed_rows(tiny_model_dir):
-    task, tokenizer, model, features = build("sentence", "sdpa", tiny_model_dir)
-    assert model.first_token_only, "the [CLS]-only top layer is on for padded rows"
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("case", ["sentence", "sentence_pair"])
+def test_sentence_first_token_fast_path_reads_packed_examples_at_their_offsets(case, attention, tiny_model_dir):
+    """The [CLS]-only top layer on packed rows: the same probabilities as padded rows and as the stock top layer on
+    the same packed rows, and the same gradients as the stock layer (dropout off)."""
+    task, tokenizer, model, features = build(case, attention, tiny_model_dir)
+    assert model.first_token_only, "the [CLS]-only top layer is on"
     padded, packed = batches(task, tokenizer, features)
+    assert packed["input_ids"].size(0) < len(features) and int(packed["example_offset"].max()) > 0
     with torch.no_grad():
         expected = run(model, padded, decode=True)["probs"]
         got = run(model, packed, decode=True)["probs"]
-    assert torch.allclose(expected, got, atol=1e-5)
-    assert "forward" in vars(model.model.base_model.encoder.layer[-1]), "the fast path is restored after a packed batch"
+        with full_top_layer(model.model, needed=True):
+            stock = run(model, packed, decode=True)["probs"]
+    assert torch.allclose(expected, got, atol=1e-5) and torch.allclose(stock, got, atol=1e-5)
+    assert "forward" in vars(model.model.base_model.encoder.layer[-1]), "the fast path stays on"
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    gradients = []
+    for stock_layer in (False, True):
+        model.zero_grad()
+        with full_top_layer(model.model, needed=stock_layer):
+            run(model, packed)["loss"].backward()
+        gradients.append({name: param.grad.clone() for name, param in model.named_parameters()
+                          if param.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, gradient in gradients[0].items():
+        assert torch.allclose(gradient, gradients[1][name], atol=1e-6, rtol=1e-4), name
 
 
 def test_padding_slots_form_their_own_block():
