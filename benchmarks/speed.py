@@ -245,6 +245,7 @@ def main() -> None:
                         choices=("recipe", "random", "grouped", "packed"))
     parser.add_argument("--peak_tflops", type=float, help="peak FLOP/s of the device in TFLOPS, for MFU (GPUs "
                         "in PEAK_BF16_TFLOPS are known; on a CPU MFU is printed only with this flag)")
+    parser.add_argument("--output", help="also write every run's numbers (per side, precision and seed) as JSON")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # a child's one side
     parser.add_argument("--mixed_precision", help=argparse.SUPPRESS)  # a child's one precision
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # a child's one seed
@@ -283,6 +284,12 @@ def main() -> None:
             for name, side_runs in runs.items()}
     for precision in args.precisions:
         names = [(side, precision) for side in args.sides]
+        if len(args.seeds) > 1:
+            for position, seed in enumerate(args.seeds):
+                print(f"\nprecision {'fp32' if precision == 'no' else precision}, seed {seed}")
+                print(f"{'':<26}" + "".join(f"{side:>12}" for side, _ in names))
+                for key in keys:
+                    print(f"{key:<26}" + "".join(f"{runs[name][position][key]:>12.4f}" for name in names))
         print(f"\nprecision {'fp32' if precision == 'no' else precision}, mean over seeds "
               "(ratio: train and eval samples/s against the recipe in this precision)")
         print(f"{'':<26}" + "".join(f"{side:>12}" for side, _ in names))
@@ -308,10 +315,19 @@ def main() -> None:
                       f"(per seed {per_seed}); train ratio per seed {ratios}")
     if ("recipe", "no") in mean and ("packed", "bf16") in mean:
         default, recipe = mean[("packed", "bf16")], mean[("recipe", "no")]
+        per_seed = ", ".join(f"{ours['train_samples_per_second'] / theirs['train_samples_per_second']:.2f}x"
+                             for ours, theirs in zip(runs[("packed", "bf16")], runs[("recipe", "no")]))
         print(f"\nbert-ft CPU default (packed, bf16) / recipe default (fp32): train "
               f"{default['train_samples_per_second'] / recipe['train_samples_per_second']:.2f}x, eval "
               f"{default['eval_samples_per_second'] / recipe['eval_samples_per_second']:.2f}x, score "
-              f"{100 * (default['score'] - recipe['score']):+.2f} points (means)")
+              f"{100 * (default['score'] - recipe['score']):+.2f} points (means); train per seed {per_seed}")
+    if args.output:
+        from bert_ft.io import atomic_write_json
+
+        atomic_write_json(args.output, {"args": {key: value for key, value in vars(args).items()
+                                                 if key not in ("side", "mixed_precision", "seed", "result_file")},
+                                        "runs": {f"{side}/{precision}": side_runs
+                                                 for (side, precision), side_runs in runs.items()}})
 
 
 if __name__ == "__main__":
