@@ -256,7 +256,7 @@ class Collator:
     0/1 attention mask and no position ids, so the model runs exactly as transformers' stock classes do.
     Packed (pack=True): the batch's examples are packed first-fit-decreasing into rows of `max(row_capacity,
     longest example)` tokens, by default the longest example's (wider rows add attention and attention dropout
-    on every extra column: rows of at least 128 trained 1.2-1.4x slower on all three tasks, README "Measured
+    on every extra column: rows of at least 128 trained 1.1-1.4x slower on all three tasks, README "Measured
     results"), with position ids restarting at 0 per example and an additive block-diagonal mask
     (rows, 1, seq, seq) of 0 / finfo(float32).min: each token attends only within its own example. The padding at
     a row's end forms its own block, so no attention row is fully masked (nothing becomes NaN). A float32 mask

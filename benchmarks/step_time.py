@@ -1,0 +1,107 @@
+"""Milliseconds per training step of bert-ft's own model, the same examples laid out different ways.
+
+    python benchmarks/step_time.py ner --precision bf16 --layouts padded pack128 packlong
+    python benchmarks/step_time.py ner --precision bf16 --layouts packlong --flags "--bulk_dropout false"
+    python benchmarks/step_time.py sentence --precision bf16 --layouts packlong --keep_freed_memory --profile packlong
+
+The model, optimiser and data come from bert-ft's own training stages (prepare_data, build_training) with batch 32
+over the first 2000 training examples; the same `--steps` random batches are laid out as `padded` (one example per
+row), `packlong` (packed rows as wide as the batch's longest example: the default) or `packN` (packed rows of at
+least N tokens), and timed through `train_step` after 2 warm-up steps, each layout `--rounds` times interleaved.
+Prints ms per step (median over rounds), page faults per step, and with `--profile LAYOUT` torch's profile of that
+layout's last round. `--keep_freed_memory` applies the allocator setting a training run applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shlex
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+FILES = {"ner": "conll2003/train.txt", "sentence": "sst2/train.tsv", "relation": "semeval2010_task8/TRAIN_FILE.TXT"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=sorted(FILES))
+    parser.add_argument("--precision", default="no", choices=("no", "bf16"))
+    parser.add_argument("--layouts", nargs="+", default=["padded", "pack128", "packlong"])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--flags", default="", help="more training flags, e.g. \"--bulk_dropout false\"")
+    parser.add_argument("--keep_freed_memory", action="store_true")
+    parser.add_argument("--profile", help="print torch's profile of this layout's last round")
+    args = parser.parse_args()
+
+    import torch
+
+    from bert_ft import train as training_stages
+    from bert_ft.cli import parse
+    from bert_ft.cpu import reuse_freed_memory
+    from bert_ft.data import Collator
+    from tasks import TASKS
+
+    argv = [args.task, "--train_file", os.path.join(DATA, FILES[args.task]), "--output_dir", "/tmp/bert-ft-step-time",
+            "--overwrite_output_dir", "--max_train_samples", "2000", "--per_device_train_batch_size",
+            str(args.batch_size), "--mixed_precision", args.precision, "--head_learning_rate", "none",
+            "--learning_rate", "1e-4", "--weight_decay", "0.01", *shlex.split(args.flags)]
+    _, config, task = parse(TASKS, argv)
+    accelerator = training_stages.make_accelerator(config)
+    data = training_stages.prepare_data(task, config, lambda *_: None, accelerator)
+    if args.keep_freed_memory:
+        print("allocator setting:", reuse_freed_memory())
+    training = training_stages.build_training(task, config, data, accelerator, print)
+    features = data.features["train"]
+    pad_values = task.pad_values(data.tokenizer)
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = [order[start:start + args.batch_size] for start in range(0, args.steps * args.batch_size, args.batch_size)]
+
+    def collator(layout: str) -> Collator:
+        if layout == "padded":
+            return Collator(pad_values)
+        return Collator(pad_values, pack=True, row_capacity=0 if layout == "packlong" else int(layout[len("pack"):]))
+
+    def steps(laid: list[dict]) -> None:
+        for batch in laid:
+            training_stages.train_step(accelerator, training.model, batch, training.optimizer, training.scheduler,
+                                       None, 1.0)
+
+    timings: dict[str, list[float]] = {layout: [] for layout in args.layouts}
+    training.model.train()
+    for round_number in range(args.rounds):
+        for layout in args.layouts:
+            laid = [collator(layout)([(index, features.inputs[index]) for index in batch]) for batch in batches]
+            for batch in laid:
+                batch.pop("feature_index")
+            slots = sum(batch["input_ids"].numel() for batch in laid) / len(laid)
+            steps(laid[:2])  # warm-up
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            if layout == args.profile and round_number == args.rounds - 1:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU]) as profiled:
+                    steps(laid[2:])
+                print(profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+            else:
+                steps(laid[2:])
+            milliseconds = (time.perf_counter() - start) / (len(laid) - 2) * 1000
+            faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (len(laid) - 2)
+            timings[layout].append(milliseconds)
+            print(f"round {round_number} {layout:<9} {milliseconds:7.1f} ms/step, {faults:7.0f} page faults/step, "
+                  f"{slots:5.0f} token slots/step", flush=True)
+    for layout, values in timings.items():
+        median = statistics.median(values)
+        print(f"{layout:<9} median {median:7.1f} ms/step = {args.batch_size * 1000 / median:6.1f} samples/s")
+
+
+if __name__ == "__main__":
+    main()
