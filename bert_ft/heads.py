@@ -266,9 +266,11 @@ def _first_token_forward(layer: nn.Module, hidden_states: torch.Tensor, attentio
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, None)
     if interface is None:
         from transformers.models.bert.modeling_bert import eager_attention_forward as interface
+    # position_ids describe the rows' layout; packed queries are gathered per example, so they are not passed on.
+    extra = {"position_ids": kwargs["position_ids"]} if "position_ids" in kwargs and positions is None else {}
     context, _ = interface(attention, query, key, value, attention_mask,
                            dropout=attention.dropout.p if attention.training else 0.0, scaling=attention.scaling,
-                           **{name: item for name, item in kwargs.items() if name == "position_ids" and positions is None})
+                           **extra)
     context = context.reshape(batch_size, 1, -1)  # (batch, 1, hidden)
     attended = layer.attention.output(context, first)
     return layer.output(layer.intermediate(attended), attended)
