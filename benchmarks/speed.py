@@ -282,19 +282,23 @@ def main() -> None:
         keys.append("mfu_real_tokens")
     mean = {name: {key: statistics.fmean(run[key] for run in side_runs) for key in keys}
             for name, side_runs in runs.items()}
-    for precision in args.precisions:
-        names = [(side, precision) for side in args.sides]
-        if len(args.seeds) > 1:
-            for position, seed in enumerate(args.seeds):
-                print(f"\nprecision {'fp32' if precision == 'no' else precision}, seed {seed}")
-                print(f"{'':<26}" + "".join(f"{side:>12}" for side, _ in names))
-                for key in keys:
-                    print(f"{key:<26}" + "".join(f"{runs[name][position][key]:>12.4f}" for name in names))
-        print(f"\nprecision {'fp32' if precision == 'no' else precision}, mean over seeds "
-              "(ratio: train and eval samples/s against the recipe in this precision)")
+
+    def print_table(title: str, names: list, values: dict) -> None:
+        """One table: a column per (side, precision) in `names`, a row per key; values[name][key]."""
+        print(f"\n{title}")
         print(f"{'':<26}" + "".join(f"{side:>12}" for side, _ in names))
         for key in keys:
-            print(f"{key:<26}" + "".join(f"{mean[name][key]:>12.4f}" for name in names))
+            print(f"{key:<26}" + "".join(f"{values[name][key]:>12.4f}" for name in names))
+
+    for precision in args.precisions:
+        names = [(side, precision) for side in args.sides]
+        label = 'fp32' if precision == 'no' else precision
+        if len(args.seeds) > 1:
+            for position, seed in enumerate(args.seeds):
+                print_table(f"precision {label}, seed {seed}", names,
+                            {name: runs[name][position] for name in names})
+        print_table(f"precision {label}, mean over seeds (ratio: train and eval samples/s against the recipe in "
+                    "this precision)", names, mean)
         if ("recipe", precision) in mean:
             recipe = mean[("recipe", precision)]
             for key in ("train_samples_per_second", "eval_samples_per_second"):
