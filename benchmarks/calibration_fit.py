@@ -62,14 +62,15 @@ def parse_args(argv=None):
 def load_run(args):
     """(task, model, tokenizer, meta, {split: examples}, {split: source}) as the run saw its data."""
     from bert_ft.config import TrainConfig
-    from bert_ft.heads import load_model
-    from bert_ft.train import load_splits
-    from tasks import TASKS
+    from bert_ft.model_folder import load_model
+    from bert_ft.data_stage import load_splits
+    from bert_ft.plugins import registered_tasks
+    TASKS = registered_tasks()
 
     with open(os.path.join(args.run_dir, "config.json"), encoding="utf-8") as handle:
         run = json.load(handle)
     model_dir = args.model_dir or os.path.join(args.run_dir, "model")
-    model, tokenizer, meta = load_model(model_dir, TASKS)
+    model, tokenizer, meta = load_model(model_dir)
     task_type = TASKS[meta["task"]]
     task = task_type(task_type.options_type(**meta.get("task_options", {})))
     validation_file = args.validation_file or run.get("validation_file")

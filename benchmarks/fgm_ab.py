@@ -65,7 +65,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_once(args: argparse.Namespace, seed: int, arm: str, workdir: str) -> dict:
     from bert_ft.cli import main
-    from tasks import TASKS
 
     output_dir = os.path.join(workdir, f"seed{seed}-{arm}")
     argv = ["sentence", "--train_file", os.path.join(args.data_dir, "train.tsv"),
@@ -85,7 +84,7 @@ def run_once(args: argparse.Namespace, seed: int, arm: str, workdir: str) -> dic
         if not args.verbose:
             stack.enter_context(contextlib.redirect_stdout(log))
             stack.enter_context(contextlib.redirect_stderr(log))
-        code = main(TASKS, argv)
+        code = main(argv)
     if code != 0:
         with open(log_path, encoding="utf-8") as handle:
             tail = handle.read()[-3000:]
@@ -115,8 +114,9 @@ def step_cost(args: argparse.Namespace) -> dict[str, list[float]]:
     from bert_ft.data import Collator, LengthGroupedSampler
     from bert_ft.encoder import load_tokenizer, resolve_model_path
     from bert_ft.optim import build_optimizer, parameter_groups
-    from bert_ft.train import make_accelerator, packing_is_exact, train_step
-    from tasks.sentence import SentenceTask
+    from bert_ft.train import train_step
+    from bert_ft.training_setup import make_accelerator, packing_is_exact
+    from bert_ft_tasks.sentence import SentenceTask
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -133,12 +133,14 @@ def main(argv=None) -> dict:
     torch.set_num_interop_threads(1)
     import onnxruntime
 
-    from bert_ft.export import ExportConfig, default_output_dir, export, is_export_folder, load_exported
-    from bert_ft.heads import load_model
-    from bert_ft.predict import predict_examples
-    from tasks import TASKS
+    from bert_ft.export import ExportConfig, default_output_dir, export
+    from bert_ft.model_folder import is_export_folder, load_exported
+    from bert_ft.model_folder import load_model
+    from bert_ft.prediction import predict_examples
+    from bert_ft.plugins import registered_tasks
+    TASKS = registered_tasks()
 
-    model, tokenizer, meta = load_model(args.model_dir, TASKS)
+    model, tokenizer, meta = load_model(args.model_dir)
     task_type = TASKS[meta["task"]]
     task = task_type(task_type.options_type(**meta.get("task_options", {})))
     max_seq_length = meta.get("max_seq_length", 128)
@@ -149,7 +151,7 @@ def main(argv=None) -> dict:
     for side, quantize in (("onnx-fp32", "none"), ("onnx-int8", "int8")):
         if side in args.sides and not is_export_folder(folders[side]):
             export(ExportConfig(model_dir=args.model_dir, quantize=quantize, output_dir=folders[side],
-                                threads=args.threads), TASKS)
+                                threads=args.threads))
     print(f"{args.task}: {len(texts)} texts from {args.data}; batch {args.batch_size}; {args.threads} threads; "
           f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}", flush=True)
 
@@ -162,7 +164,7 @@ def main(argv=None) -> dict:
             results[side] = {"throughput": throughput, "p50_ms": p50, "p95_ms": p95,
                              "_outputs": [comparable(args.task, output) for output in outputs]}
         else:
-            side_model = model if side == "pytorch" else load_exported(folders[side], TASKS, args.threads)[0]
+            side_model = model if side == "pytorch" else load_exported(folders[side], args.threads)[0]
 
             def run(batch: list, size: int = args.batch_size) -> list:
                 return predict_examples(task, side_model, tokenizer, batch, max_seq_length, size)

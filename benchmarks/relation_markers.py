@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_data(args):
-    from tasks.relation import RelationTask
+    from bert_ft_tasks.relation import RelationTask
 
     task = RelationTask()
     train = task.read(os.path.join(args.data_dir, "TRAIN_FILE.TXT"))[:args.max_train_samples]
@@ -59,11 +59,10 @@ def load_data(args):
 
 def run_bert_ft(args, folder: str) -> dict:
     from bert_ft.cli import main
-    from tasks import TASKS
 
     output_dir = os.path.join(folder, "bert_ft")
     start = time.perf_counter()
-    code = main(TASKS, [
+    code = main([
         "relation", "--pooling", "entity_start", "--model_name_or_path", args.model_name_or_path,
         "--train_file", os.path.join(args.data_dir, "TRAIN_FILE.TXT"),
         "--test_file", os.path.join(args.data_dir, "TEST_FILE_FULL.TXT"),

@@ -55,7 +55,6 @@ BERT_FT_SIDES = {"random": ["--packing", "false", "--mega_batch_factor", "1"],
 
 def run_bert_ft(args) -> dict:
     from bert_ft.cli import main
-    from tasks import TASKS
 
     output_dir = tempfile.mkdtemp(prefix="bench-bertft-")
     flags = [args.task, "--model_name_or_path", args.model_name_or_path, "--train_file", FILES[args.task]["train"],
@@ -66,7 +65,7 @@ def run_bert_ft(args) -> dict:
              "--head_learning_rate", "none", "--warmup_ratio", "0.1", "--weight_decay", "0.01",
              "--max_seq_length", str(args.max_seq_length), "--seed", str(args.seed),
              "--mixed_precision", args.mixed_precision, "--logging_steps", "1000000", *BERT_FT_SIDES[args.side]]
-    if main(TASKS, flags) != 0:
+    if main(flags) != 0:
         raise SystemExit("bert-ft run failed")
     with open(os.path.join(output_dir, "metrics.json"), encoding="utf-8") as handle:
         metrics = json.load(handle)
@@ -109,7 +108,7 @@ def run_recipe(args) -> dict:
     if args.task == "ner":
         from seqeval.metrics import f1_score
 
-        from tasks.ner import NerTask
+        from bert_ft_tasks.ner import NerTask
 
         reader = NerTask()
         train = reader.read(FILES["ner"]["train"])[: args.max_train_samples]
@@ -139,7 +138,7 @@ def run_recipe(args) -> dict:
             path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_ids)
         collator = CountingCollator(DataCollatorForTokenClassification(tokenizer))
     else:
-        from tasks.sentence import SentenceTask
+        from bert_ft_tasks.sentence import SentenceTask
 
         reader = SentenceTask(SentenceTask.options_type())
         train = reader.read(FILES["sentence"]["train"])[: args.max_train_samples]

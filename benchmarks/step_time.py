@@ -9,7 +9,8 @@ over the first 2000 training examples; the same `--steps` random batches are lai
 row), `packlong` (packed rows as wide as the batch's longest example: the default) or `packN` (packed rows of at
 least N tokens), and timed through `train_step` after 2 warm-up steps, each layout `--rounds` times interleaved.
 Prints ms per step (median over rounds), page faults per step, and with `--profile LAYOUT` torch's profile of that
-layout's last round. `--keep_freed_memory` applies the allocator setting a training run applies.
+layout's last round. `--keep_freed_memory` keeps the allocator setting a training run applies (build_training applies it; without the
+flag this script turns it off).
 """
 
 from __future__ import annotations
@@ -43,22 +44,24 @@ def main() -> None:
 
     import torch
 
-    from bert_ft import train as training_stages
     from bert_ft.cli import parse
-    from bert_ft.cpu import reuse_freed_memory
     from bert_ft.data import Collator
-    from tasks import TASKS
+    from bert_ft.data_stage import prepare_data
+    from bert_ft.train import train_step
+    from bert_ft.training_setup import build_training, make_accelerator
 
     argv = [args.task, "--train_file", os.path.join(DATA, FILES[args.task]), "--output_dir", "/tmp/bert-ft-step-time",
             "--overwrite_output_dir", "--max_train_samples", "2000", "--per_device_train_batch_size",
             str(args.batch_size), "--mixed_precision", args.precision, "--head_learning_rate", "none",
             "--learning_rate", "1e-4", "--weight_decay", "0.01", *shlex.split(args.flags)]
-    _, config, task = parse(TASKS, argv)
-    accelerator = training_stages.make_accelerator(config)
-    data = training_stages.prepare_data(task, config, lambda *_: None, accelerator)
-    if args.keep_freed_memory:
-        print("allocator setting:", reuse_freed_memory())
-    training = training_stages.build_training(task, config, data, accelerator, print)
+    _, config, task = parse(argv)
+    accelerator = make_accelerator(config)
+    data = prepare_data(task, config, lambda *_: None, accelerator)
+    # build_training applies every CPU speed-up a training run applies (bert_ft.cpu.apply_cpu_speedups), the
+    # allocator setting included; without --keep_freed_memory it is switched off, as this script always did.
+    if not args.keep_freed_memory:
+        os.environ["BERT_FT_KEEP_FREED_MEMORY"] = "0"
+    training = build_training(task, config, data, accelerator, print)
     features = data.features["train"]
     pad_values = task.pad_values(data.tokenizer)
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(0)).tolist()
@@ -71,8 +74,7 @@ def main() -> None:
 
     def steps(laid: list[dict]) -> None:
         for batch in laid:
-            training_stages.train_step(accelerator, training.model, batch, training.optimizer, training.scheduler,
-                                       None, 1.0)
+            train_step(accelerator, training.model, batch, training.optimizer, training.scheduler, None, 1.0)
 
     timings: dict[str, list[float]] = {layout: [] for layout in args.layouts}
     training.model.train()

@@ -6,13 +6,15 @@ from typing import Any
 
 from .config import TrainConfig, to_dict
 from .errors import UsageError
+from .model_folder import load_model
+from .prediction import predict_examples
+from .train import run
 
 
 def finetune(task: Any, config: TrainConfig | None = None, **flags: Any) -> dict:
-    """Train `task` (an instance of a Task subclass, e.g. from tasks.TASKS) and write the run folder; returns
-    metrics.json as a dict. `flags` override fields of `config` (finetune(task, output_dir="runs/x"))."""
-    from .train import run
-
+    """Train `task` (an instance of a Task subclass, e.g. bert_ft_tasks.ner.NerTask(), or any from
+    bert_ft.plugins.registered_tasks()) and write the run folder; returns metrics.json as a dict. `flags` override
+    fields of `config` (finetune(task, output_dir="runs/x"))."""
     config = TrainConfig(**{**to_dict(config or TrainConfig()), **flags})
     problems = config.problems() + task.problems(config)
     if problems:
@@ -25,9 +27,6 @@ def predict(task: Any, model_dir: str, inputs: list, max_seq_length: int | None 
     """Predictions of a trained model folder of `task` on raw inputs (strings, or dicts for relation spans).
     `document`: the inputs are consecutive sentences of one document (NER with document context); `task`'s own
     options apply (give NER the --context_size the model was trained with)."""
-    from .heads import load_model
-    from .predict import predict_examples
-
-    model, tokenizer, meta = load_model(model_dir, {task.name: type(task)})
+    model, tokenizer, meta = load_model(model_dir, type(task))
     return predict_examples(task, model, tokenizer, list(inputs), max_seq_length or meta.get("max_seq_length", 128),
                             batch_size, document)

@@ -1,7 +1,8 @@
-"""Command line: `run_task.py TASK [flags]` trains; `run_task.py predict --model_dir DIR` predicts.
+"""Command line: `bert-ft TASK [flags]` (or `python run_task.py TASK [flags]`) trains; `bert-ft predict --model_dir
+DIR` predicts; `bert-ft export --model_dir DIR` exports to ONNX.
 
-The registry of tasks is passed in (the core never imports `tasks`), extended by plugins (`bert_ft.plugins`);
-every flag comes from a dataclass.
+The sub-commands come from the task registry (`bert_ft.plugins.registered_tasks`: entry points plus
+--task_module; the core never imports a task package); every flag comes from a dataclass.
 """
 
 from __future__ import annotations
@@ -11,10 +12,15 @@ import os
 import sys
 from dataclasses import dataclass
 
+from .check_data import data_report
 from .config import TrainConfig, add_dataclass_flags, flag, resolve
+from .data_stage import prepare_data
 from .errors import BertFtError, UsageError
-from .export import ExportConfig
-from .plugins import ENTRY_POINT_GROUP, split_task_modules, task_registry
+from .export import ExportConfig, export
+from .model_folder import load_model
+from .plugins import ENTRY_POINT_GROUP, registered_tasks, split_task_modules, use_task_modules
+from .prediction import predict_examples, read_inputs, write_results
+from .train import run
 
 
 @dataclass
@@ -29,14 +35,21 @@ class PredictConfig:
     debug: bool = flag(False, "show full tracebacks on errors")
 
 
-def build_parser(tasks: dict) -> argparse.ArgumentParser:
+def program_name() -> str:
+    """How the user called us, for usage lines: `bert-ft` (the console script) or `run_task.py`."""
+    called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "bert-ft" if called == "bert-ft" else "run_task.py"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    tasks = registered_tasks()
     parser = argparse.ArgumentParser(
-        prog="run_task.py", description="Fine-tune a BERT encoder with a task head, or predict with a trained one.",
+        prog=program_name(), description="Fine-tune a BERT encoder with a task head, or predict with a trained one.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="tasks:\n" + "\n".join(f"  {name:<10} {task.description}" for name, task in tasks.items())
         + "\n  predict    predict on raw text with a trained model folder (or an export folder)"
         + "\n  export     export a trained model folder to ONNX (optionally int8), checked against the original"
-        + "\n\n`run_task.py TASK --help` lists every flag. Tasks from outside bert-ft: --task_module MODULE, or the "
+        + f"\n\n`{program_name()} TASK --help` lists every flag. Tasks from outside bert-ft: --task_module MODULE, or the "
         + f"entry-point group {ENTRY_POINT_GROUP!r} (README: Custom tasks).")
     parser.add_argument("--task_module", metavar="MODULE", action="append",
                         help="import MODULE and register the Task subclasses it defines (repeatable)")
@@ -57,9 +70,9 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
     return parser
 
 
-def parse(tasks: dict, argv: list[str]):
+def parse(argv: list[str]):
     """(task name, TrainConfig or PredictConfig, task instance or texts), after validating every flag at once."""
-    namespace = build_parser(tasks).parse_args(argv)
+    namespace = build_parser().parse_args(argv)
     del namespace.task_module  # already read by split_task_modules
     if namespace.task == "predict":
         texts = getattr(namespace, "texts", [])
@@ -81,7 +94,7 @@ def parse(tasks: dict, argv: list[str]):
         if problems:
             raise UsageError("invalid flags:\n  " + "\n  ".join(problems))
         return "export", config, None
-    task_type = tasks[namespace.task]
+    task_type = registered_tasks()[namespace.task]
     (config, options), problems = resolve(namespace, [TrainConfig, task_type.options_type])
     task = task_type(options)
     problems += config.problems() + task.problems(config)
@@ -90,15 +103,12 @@ def parse(tasks: dict, argv: list[str]):
     return namespace.task, config, task
 
 
-def predict_command(tasks: dict, config: PredictConfig, texts: list[str]) -> None:
-    from .heads import load_model
-    from .predict import predict_examples, read_inputs, write_results
-
+def predict_command(config: PredictConfig, texts: list[str]) -> None:
     if not os.path.isdir(config.model_dir):
         raise UsageError(f"--model_dir {config.model_dir}: no such folder")
     inputs = read_inputs(texts, config.input_file)
-    model, tokenizer, meta = load_model(config.model_dir, tasks)
-    task_type = tasks[meta["task"]]
+    model, tokenizer, meta = load_model(config.model_dir)
+    task_type = registered_tasks()[meta["task"]]
     task = task_type(task_type.options_type(**meta.get("task_options", {})))
     results = predict_examples(task, model, tokenizer, inputs, config.max_seq_length or meta.get("max_seq_length", 128),
                                config.batch_size, config.input_is_document)
@@ -107,34 +117,28 @@ def predict_command(tasks: dict, config: PredictConfig, texts: list[str]) -> Non
 
 def check_data_command(task, config: TrainConfig) -> None:
     """--check_data: read and encode every split exactly as training would, print the report, train nothing."""
-    from .check_data import data_report
-    from .train import prepare_data
-
     data = prepare_data(task, config)
     print(data_report(task, {split: getattr(data.splits, split) for split in data.features}, data.splits.sources,
                       data.features, data.labels, data.tokenizer, data.max_seq_length))
 
 
-def main(tasks: dict, argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """The `bert-ft` console script and `python run_task.py`: returns the exit status (2 on a reported error)."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
         modules, argv = split_task_modules(argv)
-        tasks = task_registry(tasks, modules)
-        name, config, extra = parse(tasks, argv)
+        use_task_modules(modules)
+        name, config, extra = parse(argv)
         if name == "predict":
-            predict_command(tasks, config, extra)
+            predict_command(config, extra)
             return 0
         if name == "export":
-            from .export import export
-
-            export(config, tasks)
+            export(config)
             return 0
         if config.check_data:
             check_data_command(extra, config)
             return 0
-        from .train import run
-
         run(extra, config, task_module=modules[0] if modules else None)
         return 0
     except BertFtError as error:

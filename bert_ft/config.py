@@ -1,7 +1,8 @@
 """The run configuration: one dataclass whose fields are the command-line flags.
 
-Each field is declared with `flag(default, "one-line help")`; `build_parser` turns the fields into argparse flags
-(help text included) and `load_config` merges a YAML/JSON `--config` file under the command-line flags.
+Each field is declared with `flag(default, "one-line help")`; `add_dataclass_flags` turns the fields into argparse
+flags (help text included; `bert_ft.cli.build_parser` calls it per scope) and `resolve` merges a YAML/JSON
+`--config` file (`read_config_file`) under the command-line flags.
 Tasks add their own small options dataclass (e.g. `--crf` for NER) through the same machinery.
 """
 
@@ -15,6 +16,9 @@ import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+import yaml
 
 from .errors import UsageError
 from .losses import LOSSES, class_weight_problems
@@ -165,8 +169,6 @@ class TrainConfig:
         if self.dataset_name and self.train_file:
             bad("dataset_name", "contradicts --train_file; give one of them")
         if self.mixed_precision == "fp16":
-            import torch
-
             if not torch.cuda.is_available():
                 bad("mixed_precision fp16", "needs a CUDA GPU (none found); use bf16 (CPUs with AVX-512 BF16 run it "
                     "natively) or no")
@@ -237,8 +239,6 @@ def read_config_file(path: str) -> dict:
         if path.endswith(".json"):
             values = json.loads(text)
         else:
-            import yaml
-
             values = yaml.safe_load(text)
     except Exception as error:  # yaml and json raise different classes
         raise UsageError(f"--config: {path} is not valid YAML/JSON: {error}") from None

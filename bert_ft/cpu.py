@@ -1,6 +1,7 @@
 """CPU training speed that changes no expected value of a step: dropout masks drawn in bulk (the same Bernoulli
 masks in distribution, other draws), an allocator that keeps large freed blocks for reuse, and a smaller oneDNN
-kernel cache (memory).
+kernel cache (memory). A training run applies them in one place, `apply_cpu_speedups` (called by
+`bert_ft.training_setup.build_training`).
 
 Measured on the development VM (2 cores, MiniLM, 32 CoNLL-2003 sentences per packed step, bf16; README "Measured
 results"): torch's CPU dropout draws its mask one element at a time (`bernoulli_`, about 4.8 ns per element), which
@@ -16,11 +17,19 @@ import ctypes.util
 import math
 import os
 import sys
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:  # transformers with the attention registry (>= 4.48); without it bulk dropout covers nn.Dropout layers only
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError:  # pragma: no cover - depends on the installed transformers
+    AttentionInterface = AttentionMaskInterface = sdpa_attention_forward = sdpa_mask = None
 
 # oneDNN (torch's bf16 matmuls on CPU) caches a compiled kernel per operand shape, 1024 by default. Packed rows
 # are as wide as each batch's longest example, so rows x width takes hundreds of values and the cache held about
@@ -77,8 +86,6 @@ def bulk_dropout_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     and draws the dropout mask with bernoulli_, so this computes the same math (scores, additive or boolean mask,
     soft-max, dropout, weighted sum) with the mask from `keep_mask`. query/key/value: (rows, heads, seq, head_dim);
     returns ((rows, seq, heads, head_dim), None) as every transformers attention function does."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if (not module.training or dropout <= 0.0 or not _bulk_capable(query) or is_causal
             or getattr(module, "is_causal", False) or key.size(1) != query.size(1)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -96,10 +103,7 @@ def bulk_dropout_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
 
 
 def _register_attention() -> bool:
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    except ImportError:  # pragma: no cover - transformers without the attention registry
+    if AttentionInterface is None:  # pragma: no cover - transformers without the attention registry
         return False
     AttentionInterface.register(ATTENTION_NAME, bulk_dropout_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # padded batches get exactly sdpa's masks
@@ -144,3 +148,27 @@ def reuse_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def apply_cpu_speedups(model: nn.Module, config: Any, device: torch.device, log=print) -> list[str]:
+    """Every CPU speed-up of a training run, applied here and only here (set-up calls it once, after building the
+    model); none changes what a step computes in expectation:
+      - the allocator keeps large freed blocks for reuse (`reuse_freed_memory`; BERT_FT_KEEP_FREED_MEMORY=0 turns
+        it off);
+      - dropout masks are drawn in bulk (`use_bulk_dropout`), with --bulk_dropout (the default) and without
+        --torch_compile.
+    Two speed-ups are not switched here, and why: the oneDNN kernel-cache cap is set when this module is imported
+    (oneDNN reads it at its first kernel, see above), and a sentence classifier's [CLS]-only top layer
+    (`bert_ft.heads.read_first_token_only`, exact on any device) is switched on by the head when it is built, so
+    that a model loaded for predict or export makes the same choice. Nothing is applied off the CPU. Returns what
+    was applied."""
+    applied: list[str] = []
+    if device.type != "cpu":
+        return applied
+    if reuse_freed_memory():  # the data stage is over: training's large blocks are reused instead of re-faulted
+        applied.append("allocator keeps freed blocks")
+    if config.bulk_dropout and not config.torch_compile:
+        switched = use_bulk_dropout(model)
+        log(f"dropout masks drawn in bulk: {', '.join(switched) or 'no dropout layers found'}")
+        applied += switched
+    return applied

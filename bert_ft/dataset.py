@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import inspect
 import io
 import json
@@ -33,6 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from . import data as core_data
 from .data import require_file
 from .errors import BertFtError, UsageError
 from .io import atomic_write_json
@@ -73,8 +75,6 @@ def _source_digest(obj: Any) -> str:
 
 def task_signature(task: Any) -> str:
     """What makes a task read and encode differently: its class, flags and code (and the core's data code)."""
-    from . import data as core_data
-
     options = dataclasses.asdict(task.options) if dataclasses.is_dataclass(task.options) else repr(task.options)
     return _digest(ENCODE_VERSION, type(task).__module__, type(task).__qualname__, options,
                    _source_digest(type(task)), _source_digest(core_data), _source_digest(sys.modules[__name__]))
@@ -478,8 +478,6 @@ class _Encoder:
 
 def _import_type(name: str) -> type:
     module_name, _, qualname = name.partition(":")
-    import importlib
-
     obj: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part)

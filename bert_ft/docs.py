@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from .cli import PredictConfig
+from .config import TrainConfig
+from .export import ExportConfig
+from .plugins import registered_tasks
+
 
 def flags_table(option_types: dict[str, type]) -> str:
     """A markdown table: flag, default, applies to, help (one row per dataclass field)."""
@@ -17,20 +22,12 @@ def flags_table(option_types: dict[str, type]) -> str:
     return "\n".join(rows)
 
 
-def all_flags_table(tasks: dict) -> str:
-    from .cli import PredictConfig
-    from .config import TrainConfig
-    from .export import ExportConfig
-
+def all_flags_table() -> str:
+    """Every flag of every registered task and command."""
+    tasks = registered_tasks()
     return flags_table({"all tasks": TrainConfig, **{name: task.options_type for name, task in tasks.items()},
                         "predict": PredictConfig, "export": ExportConfig})
 
 
 if __name__ == "__main__":
-    import os
-    import sys
-
-    sys.path.insert(0, os.getcwd())
-    from tasks import TASKS
-
-    print(all_flags_table(TASKS))
+    print(all_flags_table())

@@ -6,6 +6,7 @@ import json
 import os
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 from .config import OFFLINE_DEFAULT_MODEL
@@ -68,8 +69,6 @@ def load_pretrained(model_class, name_or_path: str, trust_remote_code: bool = Fa
 
 def saved_tensors(folder: str) -> dict[str, torch.Tensor]:
     """Every tensor of a save_pretrained folder (safetensors, sharded or not; never pickle)."""
-    from safetensors.torch import load_file
-
     single = os.path.join(folder, "model.safetensors")
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(single):

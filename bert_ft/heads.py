@@ -1,4 +1,5 @@
-"""The head base class every task's head subclasses, the batch contract heads read, and saving/loading folders.
+"""The head base class every task's head subclasses, and the batch contract heads read (saving and loading whole
+model folders: `bert_ft.model_folder`).
 
 The batch contract (built by `bert_ft.data.Collator`): a batch holds the task's token-aligned inputs laid out in
 rows, either one example per row (padded) or several per row (packed), and says where each example sits:
@@ -16,12 +17,11 @@ Confidences are computed at the head's `temperature` (1.0 until training fits on
 bert_ft.json); a temperature never changes a prediction, only the probabilities.
 Its folder is a `save_pretrained` folder of the inner transformers model (so token and sequence classifiers load
 in `transformers.pipeline`), plus `bert_ft_head.safetensors` for extra layers (CRF, entity-pair layer) and
-`bert_ft.json` naming the task; `load_model` finds the head class through the task registry it is given.
+`bert_ft.json` naming the task; `bert_ft.model_folder.load_model` finds the head class through the task registry.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from typing import Any, ClassVar, Sequence
@@ -34,16 +34,13 @@ from transformers import AutoModel
 
 try:  # transformers >= 4.48: attention implementations behind one registry (older ones keep the stock forward)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.bert.modeling_bert import eager_attention_forward
 except ImportError:  # pragma: no cover - depends on the installed transformers
-    ALL_ATTENTION_FUNCTIONS = None
+    ALL_ATTENTION_FUNCTIONS = eager_attention_forward = None
 
-from . import __version__
-from .encoder import load_config, load_pretrained, load_tokenizer
+from .encoder import load_config, load_pretrained
 from .errors import UsageError
-from .io import atomic_directory, atomic_write_json
 from .losses import LOSSES, classification_loss
-
-META_FILE = "bert_ft.json"
 HEAD_WEIGHTS = "bert_ft_head.safetensors"
 ENCODER_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -263,9 +260,8 @@ def _first_token_forward(layer: nn.Module, hidden_states: torch.Tensor, attentio
         attention_mask = attention_mask[rows, :, offsets][:, :, None]
     batch_size = first.size(0)
     query = attention.query(first).view(batch_size, 1, heads, head_size).transpose(1, 2)  # (batch, heads, 1, dim)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, None)
-    if interface is None:
-        from transformers.models.bert.modeling_bert import eager_attention_forward as interface
+    interface = (ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, None)
+                 or eager_attention_forward)
     # position_ids describe the rows' layout; packed queries are gathered per example, so they are not passed on.
     extra = {"position_ids": kwargs["position_ids"]} if "position_ids" in kwargs and positions is None else {}
     context, _ = interface(attention, query, key, value, attention_mask,
@@ -358,59 +354,3 @@ def check_batch(model: nn.Module) -> dict:
             "example_row": torch.arange(2, device=device), "example_offset": torch.zeros(2, dtype=torch.long,
                                                                                          device=device),
             "example_length": torch.tensor([7, 4], device=device)}
-
-
-# ------------------------------------------------------------------------------------------ saving, loading
-
-def save_model(model: Head, tokenizer: Any, folder: str, task_name: str, extra: dict | None = None) -> None:
-    """Write `folder` atomically: transformers weights/config, tokenizer, extra head weights and bert_ft.json."""
-    meta = {"bert_ft_version": __version__, "task": task_name, "labels": model.labels,
-            "head_options": dict(model.options), **(extra or {})}
-    if getattr(model, "temperature", 1.0) != 1.0:
-        meta["temperature"] = model.temperature
-    with atomic_directory(folder) as temp:
-        model.save_pretrained(temp)
-        tokenizer.save_pretrained(temp)
-        with open(os.path.join(temp, META_FILE), "w", encoding="utf-8") as handle:
-            json.dump(meta, handle, indent=2, ensure_ascii=False)
-
-
-def write_temperature(folder: str, temperature: float, details: dict) -> None:
-    """Record a fitted temperature (and how it was fitted) in the folder's bert_ft.json, atomically."""
-    meta = read_meta(folder)
-    meta["temperature"] = temperature
-    meta["calibration"] = details
-    atomic_write_json(os.path.join(folder, META_FILE), meta)
-
-
-def read_meta(folder: str) -> dict:
-    path = os.path.join(folder, META_FILE)
-    if not os.path.isfile(path):
-        raise UsageError(f"{folder}: not a bert-ft model folder (no {META_FILE}); give RUN/model of a finished run")
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def task_of(folder: str, tasks: dict) -> tuple[Any, dict]:
-    """(the task class that trained `folder`, its meta), from the registry `tasks`."""
-    meta = read_meta(folder)
-    name = meta.get("task")
-    if name not in tasks:
-        module = meta.get("task_module")
-        hint = f"; it comes from {module}: pass --task_module {module}" if module else ""
-        raise UsageError(f"{folder}: trained for task {name!r}, which is not registered (known: "
-                         f"{', '.join(sorted(tasks))}){hint}")
-    return tasks[name], meta
-
-
-def load_model(folder: str, tasks: dict) -> tuple[Head, Any, dict]:
-    """Load any bert-ft model folder: (model in eval mode, tokenizer, meta); `tasks` is the task registry.
-
-    An export folder (`run_task.py export`) loads as an onnxruntime-backed model with the same interface."""
-    from .export import is_export_folder, load_exported
-
-    if is_export_folder(folder):
-        return load_exported(folder, tasks)
-    task_type, meta = task_of(folder, tasks)
-    model = task_type.head_type.load(folder, meta)
-    return model.eval(), load_tokenizer(folder), meta

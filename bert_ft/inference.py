@@ -71,6 +71,25 @@ def decode_batches(head: torch.nn.Module, scored: list[tuple[dict, torch.Tensor]
     return _complete(rows)
 
 
+class FeatureOutputs:
+    """Per-feature outputs collected batch by batch, for a loop of one's own over a loader (the export's parity
+    check runs two models side by side): `add` each batch's decoded outputs with its `feature_index`, then
+    `complete()` gives what `infer` returns, one dict of numpy rows per feature in feature order (an error names
+    any feature that never came back). With an `accelerator`, outputs are gathered across processes as `infer`
+    gathers them."""
+
+    def __init__(self, count: int, accelerator: Any = None) -> None:
+        self.rows: list[dict | None] = [None] * count
+        self.accelerator = accelerator
+
+    def add(self, indices: torch.Tensor, outputs: dict, while_iterating: bool = True) -> None:
+        """`outputs` {name: tensor with one row per feature of `indices` (features,)} of one batch."""
+        _store(self.rows, indices, outputs, self.accelerator, while_iterating)
+
+    def complete(self) -> list[dict]:
+        return _complete(self.rows)
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")

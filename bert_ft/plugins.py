@@ -1,12 +1,15 @@
-"""Tasks from outside the repository: a Python entry-point group and `--task_module`, merged into the registry.
+"""The one task registry: the entry-point group "bert_ft.tasks" plus the modules named with `--task_module`.
 
-A task defined anywhere (a Task subclass with its own Head) joins the registry without editing bert-ft:
+The core never imports a task package: it finds every task here. bert-ft's own three tasks (the package
+`bert_ft_tasks`, the repository's tasks/ folder) are entry points of bert-ft's own distribution (pyproject.toml),
+and a task defined anywhere else (a Task subclass with its own Head) joins the same way without editing bert-ft:
   - installed packages declare it in their pyproject.toml:
         [project.entry-points."bert_ft.tasks"]
         my_task = "my_pkg.my_task:MyTask"
-  - or a run names its module: `run_task.py --task_module my_pkg.my_task TASK_NAME ...`; the module exposes `TASKS`
-    (a dict name -> Task subclass) or defines Task subclasses, each of which is registered.
-Both are listed by `run_task.py --help`.
+  - or a run names its module: `run_task.py --task_module my_pkg.my_task TASK_NAME ...` (in Python:
+    `use_task_modules(["my_pkg.my_task"])`); the module exposes `TASKS` (a dict name -> Task subclass) or defines
+    Task subclasses, each of which is registered.
+Both are listed by `run_task.py --help`. Two different classes under one name are refused as a clash.
 """
 
 from __future__ import annotations
@@ -40,9 +43,31 @@ def _tasks_in(value, origin: str) -> list[type]:
     return found
 
 
-def task_registry(builtin: dict, modules: Iterable[str] = ()) -> dict:
-    """The built-in registry plus the entry-point tasks plus the tasks of each `--task_module`."""
-    registry = dict(builtin)
+_task_modules: list[str] = []  # modules given to use_task_modules (--task_module), in order
+_cache: dict[tuple[str, ...], dict] = {}
+
+
+def use_task_modules(modules: Iterable[str]) -> None:
+    """Add the tasks of `modules` (import paths, as --task_module takes them) to the registry of this process;
+    raises UsageError when one cannot be imported or defines no task."""
+    new = [module for module in modules if module not in _task_modules]
+    task_registry(new)  # import and check them now: a bad module is reported where it is named
+    _task_modules.extend(new)
+
+
+def registered_tasks() -> dict:
+    """{name: Task subclass}: every entry-point task plus the tasks of the modules given to `use_task_modules`
+    (read once per process and set of modules)."""
+    key = tuple(_task_modules)
+    if key not in _cache:
+        _cache[key] = task_registry(key)
+    return _cache[key]
+
+
+def task_registry(modules: Iterable[str] = ()) -> dict:
+    """The entry-point tasks plus the tasks of each of `modules` (without remembering them: see
+    `use_task_modules`)."""
+    registry: dict = {}
     sources: list[tuple[str, object]] = []
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         try:

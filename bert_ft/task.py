@@ -5,10 +5,13 @@ The core (reading, encoding, the training loop, evaluation, predict, saving) cal
 in `pad_values`. A task lives in its own module (the shipped ones in `tasks/`, others anywhere: see
 `bert_ft.plugins`), owns its head class (`head_type`, a `bert_ft.heads.Head`) and is listed in one registry dict.
 
-What a new task writes: `read` or `stream` (file -> examples), `labels_of`, `build_labels`, `encode` (examples -> Features),
-`evaluate` (outputs -> Evaluation), `input_examples` + `results` (raw predict inputs -> JSON-ready dicts), and a
-Head subclass. A label-set task (one label per example) subclasses `ClassificationTask`, which already has
-`labels_of`, `build_labels`, the per-example merge, scoring helpers and `write_predictions`.
+What a new task writes (the first part of `Task`): `read` or `stream` (file -> examples), `labels_of`,
+`build_labels`, `encode` (examples -> Features), `evaluate` (outputs -> Evaluation), `write_predictions`,
+`input_examples` + `results` (raw predict inputs -> JSON-ready dicts), and a Head subclass. A label-set task (one
+label per example) subclasses `ClassificationTask`, which already has `labels_of`, `build_labels`, `evaluate` (it
+writes `score_labels` instead), the per-example merge and `write_predictions`. Everything else has a working
+default; Hub datasets, the data report and calibration are optional groups (`HubDatasets`, `DataReport`,
+`Calibration`). `bert_ft.testing.check_task` checks a task end to end.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 
 from .errors import UsageError
 from .io import atomic_write_lines
+from .metrics import confusion_matrix
 
 INTEGER = re.compile(r"[+-]?\d+")
 
@@ -76,9 +80,55 @@ class NoOptions:
     """For a task without flags of its own."""
 
 
-class Task:
-    """Base class of every task plugin. Subclasses set the class attributes and implement the methods that raise
-    NotImplementedError; the others have working defaults."""
+class HubDatasets:
+    """Optional group of the Task contract: --dataset_name (a Hugging Face `datasets` dataset). A task that reads
+    files only leaves both methods alone."""
+
+    def from_hub(self, dataset: Any, split: str) -> list[Any]:
+        """Convert a `datasets` split (from --dataset_name) into examples."""
+        raise UsageError(f"--dataset_name: the {self.name} task reads files only; pass --train_file etc.")
+
+    def hub_label_names(self, dataset: Any) -> list[str] | None:
+        """The class names a Hub split declares (a ClassLabel), in id order, or None."""
+        return None
+
+
+class DataReport:
+    """Optional group of the Task contract: what the --check_data report (bert_ft.check_data) and the duplicate and
+    overlap checks read from an example. The defaults use the example's `text`."""
+
+    def example_text(self, example: Any) -> str:
+        """The example's input as one string (duplicate and train/test overlap checks)."""
+        return str(getattr(example, "text", example))
+
+    def word_count(self, example: Any) -> int:
+        return len(self.example_text(example).split())
+
+    def data_notes(self, split: str, examples: list[Any], features: Features, tokenizer: Any) -> list[str]:
+        """Task-specific lines for the --check_data report (e.g. tag repairs, words that tokenise to nothing)."""
+        return []
+
+
+class Calibration:
+    """Optional group of the Task contract: confidences, for the expected calibration error and the temperature
+    fitted at the end of training (bert_ft.calibration)."""
+
+    def confidences(self, examples: list[Any], features: Features, outputs: list[dict], labels: list[str]
+                    ) -> list[tuple[float, bool]] | None:
+        """(confidence, correct) per prediction: what calibration is judged on (the pairs `evaluate` reports as
+        `Evaluation.confidences`) and what the temperature is fitted to, the validation outputs decoded again at
+        every temperature tried. The default runs `evaluate` and takes its pairs; a task overrides it with just the
+        pairs (faster; `evaluate` must report the same ones). None: the task has no confidences."""
+        return self.evaluate(examples, features, outputs, labels, "(calibration)").confidences
+
+
+class Task(HubDatasets, DataReport, Calibration):
+    """Base class of every task plugin.
+
+    What a task must write comes first below: the class attributes without a default, and the methods that raise
+    NotImplementedError (a concrete subclass that misses one fails at import time, naming it). Then what a task may
+    override (working defaults), and three optional groups in their own base classes: Hub datasets
+    (`HubDatasets`), the data report (`DataReport`) and calibration (`Calibration`)."""
 
     name: ClassVar[str]  # the CLI sub-command, e.g. "ner"
     description: ClassVar[str]  # one line for `run_task.py --help`
@@ -112,16 +162,7 @@ class Task:
             raise TypeError(f"task class {cls.__module__}.{cls.__name__} must define {', '.join(missing)} "
                             "(see bert_ft.task.Task)")
 
-    # ---------------------------------------------------------------------------------------- flags
-    def problems(self, config: Any) -> list[str]:
-        """Invalid task flags as '--flag: why' lines, judged together with the shared TrainConfig."""
-        return []
-
-    # ---------------------------------------------------------------------------------------- data
-    def default_files(self) -> dict[str, str | None]:
-        """{"train", "validation", "test"} -> path or None: the shipped samples used when no data flag is given."""
-        return {split: self.samples.get(split) for split in ("train", "validation", "test")}
-
+    # ------------------------------------------------------------------------ must write: data
     def read(self, path: str) -> list[Any]:
         """Parse one data file into examples; raise DataError naming file, line, problem and fix. A task
         implements this or `stream`; the default collects `stream`."""
@@ -132,14 +173,6 @@ class Task:
         keeps memory flat for any corpus size). The default iterates `read`."""
         return iter(self.read(path))
 
-    def from_hub(self, dataset: Any, split: str) -> list[Any]:
-        """Convert a `datasets` split (from --dataset_name) into examples."""
-        raise UsageError(f"--dataset_name: the {self.name} task reads files only; pass --train_file etc.")
-
-    def hub_label_names(self, dataset: Any) -> list[str] | None:
-        """The class names a Hub split declares (a ClassLabel), in id order, or None."""
-        return None
-
     def labels_of(self, example: Any) -> Sequence[str]:
         """The gold label strings of one example (used to build and check the label set)."""
         raise NotImplementedError
@@ -148,18 +181,40 @@ class Task:
         """The ordered label list of the model (index = class id); `declared` is a Hub dataset's own order."""
         raise NotImplementedError
 
-    def example_text(self, example: Any) -> str:
-        """The example's input as one string (duplicate and train/test overlap checks)."""
-        return str(getattr(example, "text", example))
+    # ---------------------------------------------------------------- must write: model inputs
+    def encode(self, examples: list[Any], tokenizer: Any, max_seq_length: int, labels: list[str]) -> Features:
+        """Model features for `examples`; several features may share one example (windows)."""
+        raise NotImplementedError
 
-    def word_count(self, example: Any) -> int:
-        return len(self.example_text(example).split())
+    # --------------------------------------------------------------------- must write: scoring
+    def evaluate(self, examples: list[Any], features: Features, outputs: list[dict], labels: list[str],
+                 source: str) -> Evaluation:
+        """Score per-feature model outputs (aligned with `features`) against the examples' gold labels."""
+        raise NotImplementedError
 
-    def data_notes(self, split: str, examples: list[Any], features: Features, tokenizer: Any) -> list[str]:
-        """Task-specific lines for the --check_data report (e.g. tag repairs, words that tokenise to nothing)."""
+    def write_predictions(self, path: str, examples: list[Any], predictions: list[Any]) -> None:
+        """Write the predictions file atomically, one entry per example in input order."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------- must write: raw inputs (predict)
+    def input_examples(self, inputs: list[Any]) -> list[Any]:
+        """Examples from raw predict inputs (strings or JSON objects); DataError("input", n, ...) when unusable.
+        A task with `document_inputs = True` also takes `document=True` (the inputs form one document)."""
+        raise NotImplementedError
+
+    def results(self, examples: list[Any], features: Features, outputs: list[dict], labels: list[str]) -> list[dict]:
+        """One JSON-ready dict per input example from the per-feature outputs."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------- may override
+    def problems(self, config: Any) -> list[str]:
+        """Invalid task flags as '--flag: why' lines, judged together with the shared TrainConfig."""
         return []
 
-    # ---------------------------------------------------------------------------------------- model
+    def default_files(self) -> dict[str, str | None]:
+        """{"train", "validation", "test"} -> path or None: the shipped samples used when no data flag is given."""
+        return {split: self.samples.get(split) for split in ("train", "validation", "test")}
+
     def prepare_tokenizer(self, tokenizer: Any) -> None:
         """Add task tokens (e.g. entity markers) before the model is built."""
 
@@ -177,44 +232,43 @@ class Task:
             values["token_type_ids"] = 0
         return values
 
-    def encode(self, examples: list[Any], tokenizer: Any, max_seq_length: int, labels: list[str]) -> Features:
-        """Model features for `examples`; several features may share one example (windows)."""
-        raise NotImplementedError
-
-    # ---------------------------------------------------------------------------------------- scoring
-    def evaluate(self, examples: list[Any], features: Features, outputs: list[dict], labels: list[str],
-                 source: str) -> Evaluation:
-        """Score per-feature model outputs (aligned with `features`) against the examples' gold labels."""
-        raise NotImplementedError
-
-    def confidences(self, examples: list[Any], features: Features, outputs: list[dict], labels: list[str]
-                    ) -> list[tuple[float, bool]] | None:
-        """(confidence, correct) per prediction: what calibration is judged on (the pairs `evaluate` reports as
-        `Evaluation.confidences`) and what the temperature is fitted to, the validation outputs decoded again at
-        every temperature tried. The default runs `evaluate` and takes its pairs; a task overrides it with just the
-        pairs (faster; `evaluate` must report the same ones). None: the task has no confidences."""
-        return self.evaluate(examples, features, outputs, labels, "(calibration)").confidences
-
-    def write_predictions(self, path: str, examples: list[Any], predictions: list[Any]) -> None:
-        """Write the predictions file atomically, one entry per example in input order."""
-        raise NotImplementedError
-
-    # ---------------------------------------------------------------------------------------- raw inputs
-    def input_examples(self, inputs: list[Any]) -> list[Any]:
-        """Examples from raw predict inputs (strings or JSON objects); DataError("input", n, ...) when unusable.
-        A task with `document_inputs = True` also takes `document=True` (the inputs form one document)."""
-        raise NotImplementedError
-
-    def results(self, examples: list[Any], features: Features, outputs: list[dict], labels: list[str]) -> list[dict]:
-        """One JSON-ready dict per input example from the per-feature outputs."""
-        raise NotImplementedError
-
 
 class ClassificationTask(Task):
-    """A task with one label per example and one feature per example (relation, sentence, multiple choice)."""
+    """A task with one label per example and one feature per example (relation, sentence, multiple choice).
+
+    It writes `score_labels` instead of `evaluate` (this class's `evaluate` turns the outputs into one predicted
+    label per example, then adds the confusion matrix and the confidences), and has `labels_of`, `build_labels`
+    and `write_predictions` already."""
 
     abstract = True
     label_attribute: ClassVar[str] = "label"  # the example attribute holding the gold label string
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if (not cls.__dict__.get("abstract", False) and cls.evaluate is ClassificationTask.evaluate
+                and cls.score_labels is ClassificationTask.score_labels):
+            raise TypeError(f"task class {cls.__module__}.{cls.__name__} must define score_labels() (or evaluate()) "
+                            "(see bert_ft.task.ClassificationTask)")
+
+    # ------------------------------------------------------------------------------ must write
+    def score_labels(self, gold: list[str], predicted: list[str], labels: list[str], source: str,
+                     features: Features) -> tuple[dict[str, float], str]:
+        """(metrics, report text) of the `predicted` labels against the `gold` ones, one of each per example in
+        example order; `labels` is the model's label list, `source` the scored file, `features` the split's
+        features (their `meta`, e.g. how long inputs were cut). `evaluate` does the rest."""
+        raise NotImplementedError
+
+    def evaluate(self, examples: list[Any], features: Features, outputs: list[dict], labels: list[str],
+                 source: str) -> Evaluation:
+        """One predicted and one gold label per example, scored by the task's `score_labels`, with the confusion
+        matrix (rows gold) for the plot and the confidences for calibration."""
+        predicted = self.predicted_labels(examples, features, outputs, labels)
+        gold = [getattr(example, self.label_attribute) for example in examples]
+        metrics, report = self.score_labels(gold, predicted, labels, source, features)
+        return Evaluation(metrics, report, predicted, (list(labels), confusion_matrix(gold, predicted, labels)),
+                          self.confidences(examples, features, outputs, labels), self.CONFIDENCE_NOTE)
+
+    # ---------------------------------------------------------------------------- may override
 
     def labels_of(self, example: Any) -> list[str]:
         return [getattr(example, self.label_attribute)]

@@ -23,7 +23,7 @@ from bert_ft.data import check_text_file, iter_text_lines, looks_like_jsonl, rea
 from bert_ft.errors import DataError, UsageError
 from bert_ft.heads import ClassifierHead, encoder_inputs, example_positions, example_tokens
 from bert_ft.metrics import confusion_matrix, format_confusion, format_table, relation_type, semeval_official_score
-from bert_ft.task import ClassificationTask, Evaluation, Features, sample_path
+from bert_ft.task import ClassificationTask, Features, sample_path
 
 POOLINGS = ("entity_start", "entity_mean", "cls")
 MARKERS = ("<e1>", "</e1>", "<e2>", "</e2>")
@@ -467,9 +467,7 @@ class RelationTask(ClassificationTask):
         return Features(inputs, list(range(len(inputs))), [len(feature["input_ids"]) for feature in inputs], kinds)
 
     # ---------------------------------------------------------------------------------------- scoring
-    def evaluate(self, examples, features, outputs, labels, source) -> Evaluation:
-        predicted = self.predicted_labels(examples, features, outputs, labels)
-        gold = [example.label for example in examples]
+    def score_labels(self, gold, predicted, labels, source, features) -> tuple[dict, str]:
         score = semeval_official_score(gold, predicted, OTHER)
         metrics = {"macro_f1": score["macro_f1"], "accuracy": score["accuracy"], "micro_f1": score["micro_f1"],
                    "micro_precision": score["micro_precision"], "micro_recall": score["micro_recall"]}
@@ -502,8 +500,7 @@ class RelationTask(ClassificationTask):
             "",
             *long_lines,
         ])
-        return Evaluation(metrics, report, predicted, (list(labels), matrix),
-                          self.confidences(examples, features, outputs, labels), self.CONFIDENCE_NOTE)
+        return metrics, report
 
     # ---------------------------------------------------------------------------------------- raw text
     def input_examples(self, inputs: list) -> list[RelationExample]:

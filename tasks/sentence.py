@@ -20,7 +20,7 @@ from bert_ft.heads import (ClassifierHead, check_batch, encoder_inputs, example_
                            is_packed, read_first_token_only, reads_first_token_only)
 from bert_ft.metrics import classification_report_dict, confusion_matrix, format_classification_report, \
     format_confusion
-from bert_ft.task import INTEGER, ClassificationTask, Evaluation, Features, sample_path
+from bert_ft.task import INTEGER, ClassificationTask, Features, sample_path
 
 
 @dataclass
@@ -459,21 +459,18 @@ class SentenceTask(ClassificationTask):
         return Features(inputs, list(range(len(examples))), [len(feature["input_ids"]) for feature in inputs])
 
     # ---------------------------------------------------------------------------------------- scoring
-    def evaluate(self, examples, features, outputs, labels, source) -> Evaluation:
-        predicted = self.predicted_labels(examples, features, outputs, labels)
-        gold = [example.label for example in examples]
+    def score_labels(self, gold, predicted, labels, source, features) -> tuple[dict, str]:
         scores = classification_report_dict(gold, predicted, labels)
         metrics = {key: scores[key] for key in ("accuracy", "macro_f1", "macro_precision", "macro_recall",
                                                 "weighted_f1")}
         matrix = confusion_matrix(gold, predicted, labels)
         report = "\n".join([
-            f"scored file: {source} ({len(examples)} examples)",
+            f"scored file: {source} ({len(gold)} examples)",
             format_classification_report(scores), "",
             "confusion matrix (rows: gold, columns: predicted)",
             format_confusion(matrix, labels),
         ])
-        return Evaluation(metrics, report, predicted, (list(labels), matrix),
-                          self.confidences(examples, features, outputs, labels), self.CONFIDENCE_NOTE)
+        return metrics, report
 
     # ---------------------------------------------------------------------------------------- raw text
     def _input_example(self, number: int, item) -> SentenceExample:

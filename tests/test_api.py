@@ -14,8 +14,10 @@ from bert_ft import TrainConfig, finetune, load_model, predict
 from bert_ft.cli import main
 from bert_ft.encoder import transfer_encoder
 from bert_ft.errors import UsageError
-from tasks import TASKS
-from tasks.ner import NerOptions, NerTask
+from bert_ft.plugins import registered_tasks
+from bert_ft_tasks.ner import NerOptions, NerTask
+
+TASKS = registered_tasks()
 
 
 def small(tiny_model_dir: str, output_dir: str, **overrides) -> TrainConfig:
@@ -39,7 +41,7 @@ def test_init_from_copies_the_encoder_and_replaces_the_head(tiny_model_dir, tmp_
 
     finetune(NerTask(), small(tiny_model_dir, str(tmp_path / "source"), learning_rate=1e-2))
     source_dir = str(tmp_path / "source" / "model")
-    source, _, _ = load_model(source_dir, TASKS)
+    source, _, _ = load_model(source_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     sentence = TASKS["sentence"](TASKS["sentence"].options_type())
     target = sentence.build_model(tiny_model_dir, ["negative", "positive"], tokenizer, False)
@@ -59,10 +61,10 @@ def record_initial_weights(monkeypatch) -> dict[str, tuple[torch.Tensor, bool]]:
 
     `build_training` calls `set_frozen` once, after building the model and any --init_from transfer and before the
     first step: the spy copies every parameter there."""
-    import bert_ft.train
+    import bert_ft.training_setup
 
     initial: dict[str, tuple[torch.Tensor, bool]] = {}
-    set_frozen = bert_ft.train.set_frozen
+    set_frozen = bert_ft.training_setup.set_frozen
 
     def spy(model, *args, **kwargs):
         assert not initial, "set_frozen is expected once per run"
@@ -71,7 +73,7 @@ def record_initial_weights(monkeypatch) -> dict[str, tuple[torch.Tensor, bool]]:
                         for name, param in model.named_parameters()})
         return set_frozen(model, *args, **kwargs)
 
-    monkeypatch.setattr(bert_ft.train, "set_frozen", spy)
+    monkeypatch.setattr(bert_ft.training_setup, "set_frozen", spy)
     return initial
 
 
@@ -86,10 +88,10 @@ def test_init_from_on_the_command_line(tiny_model_dir, tmp_path, capsys, monkeyp
     args = ["sentence", "--model_name_or_path", tiny_model_dir, "--init_from", source_dir,
             "--output_dir", str(tmp_path / "target"), "--num_train_epochs", "1", "--max_train_samples", "32",
             "--max_eval_samples", "16", "--freeze_encoder"]
-    assert main(TASKS, args) == 0
+    assert main(args) == 0
     assert "init_from: copied" in capsys.readouterr().out
-    source, _, _ = load_model(source_dir, TASKS)
-    target, _, target_meta = load_model(str(tmp_path / "target" / "model"), TASKS)
+    source, _, _ = load_model(source_dir)
+    target, _, target_meta = load_model(str(tmp_path / "target" / "model"))
     source_state = source.encoder_model().state_dict()
     target_state = target.encoder_model().state_dict()
     pretrained = AutoModel.from_pretrained(tiny_model_dir).state_dict()
@@ -171,7 +173,7 @@ def test_gradual_unfreezing(tiny_model_dir, tmp_path, capsys, monkeypatch, freez
 def test_dataset_name_offline_gives_a_clear_message(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    code = main(TASKS, ["ner", "--dataset_name", "conll2003", "--output_dir", str(tmp_path / "r")])
+    code = main(["ner", "--dataset_name", "conll2003", "--output_dir", str(tmp_path / "r")])
     error = capsys.readouterr().err
     assert code == 2 and "--dataset_name conll2003: cannot load it" in error and "--train_file" in error
     assert not os.path.exists(tmp_path / "r")

@@ -19,14 +19,16 @@ from bert_ft.calibration import (OBJECTIVES, calibrate, expected_calibration_err
                                  fit_temperature_to_confidences, golden_section_minimum, grid_then_golden_minimum,
                                  log_loss)
 from bert_ft.crf import CRF, iob2_transition_mask
-from bert_ft.export import EncoderStandIn
+from bert_ft.onnx_model import EncoderStandIn
 from bert_ft.heads import Head
-from tasks import TASKS
+from bert_ft.plugins import registered_tasks
 from bert_ft.inference import decode_batches
 from bert_ft.task import Features
-from tasks.ner import NerExample, NerTask, TokenTagger
+from bert_ft_tasks.ner import NerExample, NerTask, TokenTagger
 
 from .conftest import ROOT
+
+TASKS = registered_tasks()
 
 LABELS = ["O", "B-X", "I-X"]
 
@@ -377,7 +379,7 @@ def test_training_fits_stores_and_reports_a_temperature(calibrated_run):
     assert "== calibration ==" in report and "expected calibration error (15 equal-width bins)" in report
     assert OBJECTIVES[metrics["calibration_objective"]] in report
     # predict uses the stored temperature: the same as decoding the raw scores at it.
-    model, tokenizer, _ = load_model(os.path.join(calibrated_run, "model"), TASKS)
+    model, tokenizer, _ = load_model(os.path.join(calibrated_run, "model"))
     assert model.temperature == metrics["calibration_temperature"]
     task = TASKS["sentence"](TASKS["sentence"].options_type())
     [result] = predict(task, os.path.join(calibrated_run, "model"), ["a fine film"])

@@ -176,10 +176,9 @@ def test_token_labels_and_plain_feature_dicts():
 
 def test_check_data_command_on_the_sample(tiny_model_dir, tmp_path, capsys):
     from bert_ft.cli import main
-    from tasks import TASKS
 
     output_dir = tmp_path / "run"
-    code = main(TASKS, ["ner", "--model_name_or_path", tiny_model_dir, "--output_dir", str(output_dir),
+    code = main(["ner", "--model_name_or_path", tiny_model_dir, "--output_dir", str(output_dir),
                         "--check_data"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -192,12 +191,11 @@ def test_check_data_command_on_the_sample(tiny_model_dir, tmp_path, capsys):
 
 def test_check_data_command_on_a_broken_file(tiny_model_dir, tmp_path, capsys):
     from bert_ft.cli import main
-    from tasks import TASKS
 
     broken = tmp_path / "train.txt"
     broken.write_text("EU B-ORG\nrejects\n", encoding="utf-8")
     output_dir = tmp_path / "run"
-    code = main(TASKS, ["ner", "--model_name_or_path", tiny_model_dir, "--output_dir", str(output_dir),
+    code = main(["ner", "--model_name_or_path", tiny_model_dir, "--output_dir", str(output_dir),
                         "--train_file", str(broken), "--check_data"])
     captured = capsys.readouterr()
     assert code == 2

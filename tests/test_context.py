@@ -13,8 +13,10 @@ from bert_ft.cli import main
 from bert_ft.data import Collator
 from bert_ft.encoder import load_tokenizer
 from bert_ft.errors import DataError
-from tasks import TASKS
-from tasks.ner import NerExample, NerOptions, NerTask, with_document_context
+from bert_ft.plugins import registered_tasks
+from bert_ft_tasks.ner import NerExample, NerOptions, NerTask, with_document_context
+
+TASKS = registered_tasks()
 
 CITIES = ["Paris", "Berlin", "Madrid", "Ouagadougou"]
 FILLER = ["the", "a", "we", "walked", "to", "and", "then", "saw", "big", "river", "unbelievably", "."]
@@ -255,7 +257,7 @@ def train_city_tagger(tiny_model_dir: str, output_dir: str, train: str, context_
             "--output_dir", output_dir, "--num_train_epochs", "4", "--max_seq_length", "32",
             "--learning_rate", "3e-3", "--head_learning_rate", "3e-3", "--per_device_train_batch_size", "8",
             "--context_size", str(context_size), "--doc_stride", "4", "--crf", str(crf)]
-    assert main(TASKS, args) == 0
+    assert main(args) == 0
 
 
 @pytest.mark.parametrize("crf", [False, True])
@@ -277,7 +279,7 @@ def test_predict_on_a_document_equals_evaluation_on_the_same_sentences(tiny_mode
         lines = tmp_path / f"doc{number}.txt"
         lines.write_text("\n".join(" ".join(words) for words, _ in document) + "\n", encoding="utf-8")
         out = tmp_path / f"out{number}.jsonl"
-        assert main(TASKS, ["predict", "--model_dir", output_dir + "/model", "--input_file", str(lines),
+        assert main(["predict", "--model_dir", output_dir + "/model", "--input_file", str(lines),
                             "--input_is_document", "--output_file", str(out)]) == 0
         for (words, _), line in zip(document, out.read_text(encoding="utf-8").splitlines()):
             result = json.loads(line)
@@ -298,7 +300,7 @@ def test_predict_document_flag_needs_a_context_model(tiny_model_dir, tmp_path, c
     train = write(tmp_path, "doc.txt", conll([document_sentences(6, seed=7)]))
     train_city_tagger(tiny_model_dir, str(tmp_path / "run"), train, context_size=0, crf=False)
     capsys.readouterr()
-    assert main(TASKS, ["predict", "--model_dir", str(tmp_path / "run" / "model"), "We saw Paris .",
+    assert main(["predict", "--model_dir", str(tmp_path / "run" / "model"), "We saw Paris .",
                         "--input_is_document"]) == 2
     assert "--input_is_document" in capsys.readouterr().err
 
@@ -315,7 +317,7 @@ def test_predict_inputs_with_doc_id_and_the_document_flag():
 
 def test_document_flag_is_refused_for_tasks_without_document_context():
     from bert_ft.errors import UsageError
-    from bert_ft.predict import predict_examples
+    from bert_ft.prediction import predict_examples
 
     sentence = TASKS["sentence"](TASKS["sentence"].options_type())
     with pytest.raises(UsageError, match="the sentence task has no document context"):

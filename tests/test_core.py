@@ -13,8 +13,10 @@ from bert_ft.config import TrainConfig
 from bert_ft.data import Collator, LengthGroupedSampler, best_window_per_word, padding_stats, word_windows
 from bert_ft.errors import UsageError
 from bert_ft.optim import build_optimizer, parameter_groups, set_frozen
-from tasks import TASKS
-from tasks.ner import NerExample, NerOptions, NerTask
+from bert_ft.plugins import registered_tasks
+from bert_ft_tasks.ner import NerExample, NerOptions, NerTask
+
+TASKS = registered_tasks()
 
 
 # ------------------------------------------------------------------------------------------------ windows
@@ -173,7 +175,7 @@ def test_frozen_weights_stay_bit_identical(tiny_model_dir, freeze):
 
 def test_validation_names_every_bad_flag_at_once():
     with pytest.raises(UsageError) as caught:
-        parse(TASKS, ["ner", "--num_train_epochs", "0", "--learning_rate", "-1", "--freeze_encoder",
+        parse(["ner", "--num_train_epochs", "0", "--learning_rate", "-1", "--freeze_encoder",
                       "--layer_lr_decay", "0.8", "--warmup_ratio", "1.5"])
     message = str(caught.value)
     for name in ("--num_train_epochs", "--learning_rate", "--layer_lr_decay", "--warmup_ratio"):
@@ -181,7 +183,7 @@ def test_validation_names_every_bad_flag_at_once():
 
 
 def test_help_lists_every_config_field(capsys):
-    parser = build_parser(TASKS)
+    parser = build_parser()
     for name, task in TASKS.items():
         with pytest.raises(SystemExit):
             parser.parse_args([name, "--help"])
@@ -199,12 +201,12 @@ def test_help_lists_every_config_field(capsys):
 def test_config_file_is_overridden_by_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("learning_rate: 0.001\nnum_train_epochs: 7\ncrf: true\n")
-    _, config, task = parse(TASKS, ["ner", "--config", str(path), "--num_train_epochs", "2"])
+    _, config, task = parse(["ner", "--config", str(path), "--num_train_epochs", "2"])
     assert isinstance(task, NerTask)
     assert (config.learning_rate, config.num_train_epochs, task.options.crf) == (0.001, 2, True)
     path.write_text("learning_rat: 0.001\n")
     with pytest.raises(UsageError, match="learning_rat"):
-        parse(TASKS, ["ner", "--config", str(path)])
+        parse(["ner", "--config", str(path)])
 
 
 def test_readme_flag_table_matches_the_dataclasses():
@@ -213,7 +215,7 @@ def test_readme_flag_table_matches_the_dataclasses():
     from bert_ft.docs import all_flags_table
 
     with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8") as handle:
-        assert all_flags_table(TASKS) in handle.read(), "regenerate with: python -m bert_ft.docs"
+        assert all_flags_table() in handle.read(), "regenerate with: python -m bert_ft.docs"
 
 
 @pytest.mark.parametrize("name, task", [("conll2003", "ner"), ("cluener2020", "ner"),
@@ -222,5 +224,5 @@ def test_ready_configs_are_valid(name, task):
     import os
 
     path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.yaml")
-    _, config, _ = parse(TASKS, [task, "--config", path, "--train_file", "elsewhere.txt"])
+    _, config, _ = parse([task, "--config", path, "--train_file", "elsewhere.txt"])
     assert config.train_file == "elsewhere.txt" and config.output_dir.startswith("runs/")

@@ -15,7 +15,7 @@ from bert_ft.cpu import (ATTENTION_NAME, BulkDropout, bulk_dropout, bulk_dropout
                          reuse_freed_memory, use_bulk_dropout)
 from bert_ft.data import Collator
 from bert_ft.encoder import load_tokenizer
-from tasks.ner import NerExample, NerTask
+from bert_ft_tasks.ner import NerExample, NerTask
 
 
 def test_keep_mask_keeps_each_element_with_probability_one_minus_p():

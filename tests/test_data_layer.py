@@ -16,10 +16,10 @@ from bert_ft.dataset import ArrowRows, DataCache, ExampleTable
 from bert_ft.encoder import load_tokenizer
 from bert_ft.errors import DataError
 from bert_ft.task import Features
-from bert_ft import train as train_module
-from tasks.ner import NerOptions, NerTask
-from tasks.relation import RelationTask
-from tasks.sentence import SentenceTask
+from bert_ft import data_stage
+from bert_ft_tasks.ner import NerOptions, NerTask
+from bert_ft_tasks.relation import RelationTask
+from bert_ft_tasks.sentence import SentenceTask
 
 SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "samples")
 
@@ -130,7 +130,7 @@ def test_training_on_the_cache_matches_the_in_memory_pipeline(tiny_model_dir, tm
         def examples(self, task, path):
             return task.read(path)
 
-    monkeypatch.setattr(train_module, "DataCache", InMemory)
+    monkeypatch.setattr(data_stage, "DataCache", InMemory)
     in_memory = finetune(NerTask(), TrainConfig(output_dir=str(tmp_path / "memory"), **settings))
     for key in ("train_loss", "eval_f1", "test_f1", "test_precision", "test_recall", "eval_ece"):
         assert cached[key] == in_memory[key], key

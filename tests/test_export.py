@@ -17,12 +17,16 @@ pytest.importorskip("onnxscript")
 
 from bert_ft.cli import main  # noqa: E402
 from bert_ft.data import Collator  # noqa: E402
-from bert_ft.export import OnnxModel, check_export, format_report, is_export_folder  # noqa: E402
-from bert_ft.heads import load_model, save_model  # noqa: E402
+from bert_ft.model_folder import is_export_folder  # noqa: E402
+from bert_ft.onnx_model import OnnxModel  # noqa: E402
+from bert_ft.parity import check_export, format_report  # noqa: E402
+from bert_ft.model_folder import load_model, save_model  # noqa: E402
 from bert_ft.optim import build_optimizer, parameter_groups  # noqa: E402
-from bert_ft.predict import predict_examples  # noqa: E402
-from tasks import TASKS  # noqa: E402
-from tasks.ner import NerOptions, NerTask  # noqa: E402
+from bert_ft.prediction import predict_examples  # noqa: E402
+from bert_ft.plugins import registered_tasks  # noqa: E402
+from bert_ft_tasks.ner import NerOptions, NerTask  # noqa: E402
+
+TASKS = registered_tasks()
 
 CITIES = ["Paris", "Berlin", "Madrid", "New York"]
 FILLER = ["the", "a", "we", "walked", "to", "and", "then", "saw", "big", "river", "."]
@@ -132,7 +136,7 @@ def random_batch(shape: tuple[int, int], seed: int) -> dict:
 
 def test_ner_export_gives_the_pytorch_predictions_at_any_shape(city_tagger, city_data, tmp_path, capsys):
     output = str(tmp_path / "onnx")
-    assert main(TASKS, ["export", "--model_dir", city_tagger, "--validation_file", city_data[1],
+    assert main(["export", "--model_dir", city_tagger, "--validation_file", city_data[1],
                         "--output_dir", output]) == 0
     printed = capsys.readouterr().out
     assert "changed predictions: 0 of" in printed and "passed" in printed
@@ -143,8 +147,8 @@ def test_ner_export_gives_the_pytorch_predictions_at_any_shape(city_tagger, city
     assert report["pytorch"]["f1"] == report["exported"]["f1"] > 0.5
     assert is_export_folder(output) and not os.path.exists(os.path.join(output, "model.safetensors"))
 
-    reference, tokenizer, _ = load_model(city_tagger, TASKS)
-    exported, _, meta = load_model(output, TASKS)
+    reference, tokenizer, _ = load_model(city_tagger)
+    exported, _, meta = load_model(output)
     assert isinstance(exported, OnnxModel) and meta["export"]["quantize"] == "none"
     with torch.no_grad():
         for seed, shape in enumerate([(3, 41), (1, 300), (2, 16)]):
@@ -164,7 +168,7 @@ def test_ner_export_gives_the_pytorch_predictions_at_any_shape(city_tagger, city
     outputs = {}
     for folder in (city_tagger, output):  # the CLI recognises the export folder from its files
         target = tmp_path / f"{os.path.basename(folder)}.jsonl"
-        assert main(TASKS, ["predict", "--model_dir", folder, "--output_file", str(target), *texts]) == 0
+        assert main(["predict", "--model_dir", folder, "--output_file", str(target), *texts]) == 0
         outputs[folder] = [json.loads(line) for line in target.read_text().splitlines()]
     assert_same_results(outputs[output], outputs[city_tagger])
 
@@ -192,10 +196,10 @@ def test_sentence_pairs_and_relation_markers_go_through_the_export(tiny_model_di
                                                     "task_options": {"pooling": "entity_mean"} if name == "relation"
                                                     else {}})
         data = task.default_files()["validation"] or task.default_files()["test"]
-        assert main(TASKS, ["export", "--model_dir", folder, "--validation_file", data, "--max_eval_samples", "40",
+        assert main(["export", "--model_dir", folder, "--validation_file", data, "--max_eval_samples", "40",
                             "--output_dir", str(tmp_path / name / "onnx")]) == 0
-        exported, _, _ = load_model(str(tmp_path / name / "onnx"), TASKS)
-        reference, _, _ = load_model(folder, TASKS)
+        exported, _, _ = load_model(str(tmp_path / name / "onnx"))
+        reference, _, _ = load_model(folder)
         if name == "sentence":  # PyTorch runs the [CLS]-only top layer, the export the stock one: same results
             assert reference.first_token_only
         ours = predict_examples(task, exported, tokenizer, inputs, 48, batch_size=2)
@@ -204,10 +208,10 @@ def test_sentence_pairs_and_relation_markers_go_through_the_export(tiny_model_di
 
 
 def test_int8_export_prints_its_drop(city_tagger, city_data, tmp_path, capsys):
-    if not load_model(city_tagger, TASKS)[2]["head_options"].get("use_crf"):
+    if not load_model(city_tagger)[2]["head_options"].get("use_crf"):
         pytest.skip("one int8 check is enough: run it on the CRF tagger")
     output = str(tmp_path / "int8")
-    assert main(TASKS, ["export", "--model_dir", city_tagger, "--quantize", "int8", "--validation_file",
+    assert main(["export", "--model_dir", city_tagger, "--quantize", "int8", "--validation_file",
                         city_data[1], "--output_dir", output]) == 0
     printed = capsys.readouterr().out
     assert "int8" in printed and "drop" in printed
@@ -238,18 +242,18 @@ def corrupt(graph: str) -> None:
 def test_parity_check_flags_a_corrupted_export(city_tagger, city_data, tmp_path, monkeypatch, capsys):
     import bert_ft.export as export_module
 
-    if load_model(city_tagger, TASKS)[2]["head_options"].get("use_crf"):
+    if load_model(city_tagger)[2]["head_options"].get("use_crf"):
         pytest.skip("one corrupted export is enough: run it on the linear tagger")
     good = str(tmp_path / "good")
-    assert main(TASKS, ["export", "--model_dir", city_tagger, "--validation_file", city_data[1],
+    assert main(["export", "--model_dir", city_tagger, "--validation_file", city_data[1],
                         "--output_dir", good]) == 0
     bad = str(tmp_path / "bad")
     shutil.copytree(good, bad)
     corrupt(os.path.join(bad, "model.onnx"))
-    report = check_export(bad, city_tagger, TASKS, validation_file=city_data[1])
+    report = check_export(bad, city_tagger, validation_file=city_data[1])
     assert not report["passed"] and report["changed_predictions"] > report["changed_near_ties"]
     assert report["max_abs_logit_difference"] > 0.01 and "FAILED" in format_report(report)
-    assert check_export(good, city_tagger, TASKS, validation_file=city_data[1])["passed"]
+    assert check_export(good, city_tagger, validation_file=city_data[1])["passed"]
 
     original = export_module.export_graph  # the command itself: a graph broken while exporting fails with 2
 
@@ -260,7 +264,7 @@ def test_parity_check_flags_a_corrupted_export(city_tagger, city_data, tmp_path,
 
     monkeypatch.setattr(export_module, "export_graph", broken)
     capsys.readouterr()
-    assert main(TASKS, ["export", "--model_dir", city_tagger, "--validation_file", city_data[1],
+    assert main(["export", "--model_dir", city_tagger, "--validation_file", city_data[1],
                         "--output_dir", str(tmp_path / "broken")]) == 2
     captured = capsys.readouterr()
     assert "FAILED" in captured.out and "beyond near-ties" in captured.err
@@ -270,6 +274,6 @@ def test_parity_check_flags_a_corrupted_export(city_tagger, city_data, tmp_path,
 
 def test_export_refuses_to_replace_a_folder_that_is_not_an_export(city_tagger, capsys):
     run_dir = os.path.dirname(city_tagger)
-    assert main(TASKS, ["export", "--model_dir", city_tagger, "--output_dir", run_dir]) == 2
+    assert main(["export", "--model_dir", city_tagger, "--output_dir", run_dir]) == 2
     assert "holds something other than an export" in capsys.readouterr().err
     assert os.path.isfile(os.path.join(city_tagger, "model.safetensors"))  # untouched

@@ -16,9 +16,9 @@ import random
 import pytest
 
 from bert_ft.errors import DataError
-from tasks.ner import NerOptions, NerTask
-from tasks.relation import RelationTask
-from tasks.sentence import SentenceOptions, SentenceTask
+from bert_ft_tasks.ner import NerOptions, NerTask
+from bert_ft_tasks.relation import RelationTask
+from bert_ft_tasks.sentence import SentenceOptions, SentenceTask
 
 SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "samples")
 VARIANTS = 312  # per format (a multiple of the number of mutations, so each one runs equally often)

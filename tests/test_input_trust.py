@@ -180,9 +180,8 @@ def test_no_training_examples_is_refused():
 
 def run_main(argv, capsys):
     from bert_ft.cli import main
-    from tasks import TASKS
 
-    code = main(TASKS, argv)
+    code = main(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

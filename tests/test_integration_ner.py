@@ -8,8 +8,7 @@ import os
 import pytest
 
 from bert_ft.cli import main
-from tasks import TASKS
-from tasks.ner import NerTask
+from bert_ft_tasks.ner import NerTask
 
 from .conftest import shared_path
 
@@ -19,7 +18,7 @@ pytestmark = pytest.mark.integration
 def finetune(output_dir: str, train: str, test: str, *extra: str) -> dict:
     args = ["ner", "--train_file", train, "--test_file", test, "--output_dir", output_dir,
             "--num_train_epochs", "3", "--max_seq_length", "64", *extra]
-    assert main(TASKS, args) == 0
+    assert main(args) == 0
     with open(os.path.join(output_dir, "metrics.json"), encoding="utf-8") as handle:
         return json.load(handle)
 

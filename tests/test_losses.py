@@ -16,9 +16,8 @@ from bert_ft.cli import main, parse
 from bert_ft.errors import DataError, UsageError
 from bert_ft.losses import (balanced_weights, class_weight_problems, classification_loss, label_counts,
                             read_weight_file, resolve_class_weights)
-from tasks import TASKS
-from tasks.ner import FOCAL_WITH_CRF, NerExample, NerOptions, NerTask
-from tasks.sentence import SentenceTask
+from bert_ft_tasks.ner import FOCAL_WITH_CRF, NerExample, NerOptions, NerTask
+from bert_ft_tasks.sentence import SentenceTask
 
 from .conftest import ROOT
 from .test_packing import CASES, batches, build, run
@@ -152,27 +151,27 @@ def test_unknown_labels_are_refused_and_missing_ones_get_weight_one(tmp_path):
 
 def test_bad_loss_flags_are_reported_together(tmp_path):
     with pytest.raises(UsageError) as caught:
-        parse(TASKS, ["sentence", "--class_weights", str(tmp_path / "absent.json"), "--loss", "focal",
+        parse(["sentence", "--class_weights", str(tmp_path / "absent.json"), "--loss", "focal",
                       "--focal_gamma", "-1", "--num_train_epochs", "0"])
     message = str(caught.value)
     assert "--class_weights: " in message and "is neither none, balanced nor an existing file" in message
     assert "--focal_gamma: must be >= 0, got -1.0" in message and "--num_train_epochs" in message
     with pytest.raises(UsageError, match="--focal_gamma: has no effect without --loss focal"):
-        parse(TASKS, ["sentence", "--focal_gamma", "1"])
+        parse(["sentence", "--focal_gamma", "1"])
     with pytest.raises(UsageError) as caught:
-        parse(TASKS, ["sentence", "--loss", "focal", "--focal_gamma", "nan"])
+        parse(["sentence", "--loss", "focal", "--focal_gamma", "nan"])
     assert str(caught.value).count("--focal_gamma") == 1 and "finite" in str(caught.value)
-    _, config, _ = parse(TASKS, ["sentence", "--class_weights", "balanced", "--loss", "focal", "--focal_gamma", "0"])
+    _, config, _ = parse(["sentence", "--class_weights", "balanced", "--loss", "focal", "--focal_gamma", "0"])
     assert (config.class_weights, config.loss, config.focal_gamma) == ("balanced", "focal", 0.0)
 
 
 def test_focal_loss_with_the_crf_is_refused_with_both_flags_named(tiny_model_dir):
     with pytest.raises(UsageError) as caught:
-        parse(TASKS, ["ner", "--crf", "--loss", "focal", "--class_weights", "balanced"])
+        parse(["ner", "--crf", "--loss", "focal", "--class_weights", "balanced"])
     assert FOCAL_WITH_CRF in str(caught.value)
     assert all(part in FOCAL_WITH_CRF for part in ("--loss focal", "--crf", "use --loss cross_entropy"))
-    parse(TASKS, ["ner", "--crf", "--class_weights", "balanced"])  # class weights with the CRF are fine
-    parse(TASKS, ["ner", "--loss", "focal"])  # and focal loss with the linear head
+    parse(["ner", "--crf", "--class_weights", "balanced"])  # class weights with the CRF are fine
+    parse(["ner", "--loss", "focal"])  # and focal loss with the linear head
     from transformers import AutoTokenizer
 
     tagger = NerTask(NerOptions(crf=True)).build_model(tiny_model_dir, ["O", "B-PER", "I-PER"],
@@ -274,7 +273,7 @@ def test_a_run_records_the_flags_and_the_resolved_weights(tiny_model_dir, tmp_pa
                                                 for label in ("negative", "positive")}
     printed = capsys.readouterr().out
     assert "class weights (balanced): label, training count, weight" in printed and "loss: focal (gamma 1.5)" in printed
-    model, _, meta = load_model(str(folder / "model"), TASKS)  # the folder loads as before, unweighted
+    model, _, meta = load_model(str(folder / "model"))  # the folder loads as before, unweighted
     assert model.class_weights is None and model.loss_kind == "cross_entropy"
     assert "class_weights" not in json.dumps(meta)
     finetune(task, small(tiny_model_dir, str(tmp_path / "plain")))
@@ -288,7 +287,7 @@ def test_cli_weight_file_with_the_crf(tiny_model_dir, tmp_path, capsys):
     weights.write_text("O 0.5\nB-PER 3\n", encoding="utf-8")
     args = ["ner", "--crf", "--model_name_or_path", tiny_model_dir, "--num_train_epochs", "1", "--max_train_samples",
             "24", "--max_eval_samples", "8", "--max_seq_length", "48", "--class_weights", str(weights)]
-    assert main(TASKS, [*args, "--output_dir", str(tmp_path / "run")]) == 0
+    assert main([*args, "--output_dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert f"class weights: {weights} does not list B-LOC" in out
     with open(tmp_path / "run" / "config.json", encoding="utf-8") as handle:
@@ -297,7 +296,7 @@ def test_cli_weight_file_with_the_crf(tiny_model_dir, tmp_path, capsys):
     assert config["class_weights_resolved"]["O"] == 0.5 and config["class_weights_resolved"]["B-PER"] == 3.0
     assert set(config["class_weights_resolved"].values()) == {0.5, 3.0, 1.0}
     weights.write_text("O 0.5\nB-PERSON 3\n", encoding="utf-8")
-    assert main(TASKS, [*args, "--output_dir", str(tmp_path / "bad")]) == 2
+    assert main([*args, "--output_dir", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert f"{weights}:2: label 'B-PERSON' is not a label of this run" in err
     assert not os.path.exists(tmp_path / "bad" / "config.json"), "refused before anything is written"

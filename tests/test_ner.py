@@ -9,7 +9,7 @@ import pytest
 
 from bert_ft.errors import DataError
 from bert_ft.task import Features
-from tasks.ner import NerOptions, NerTask, detect_scheme, entity_confusion, split_words, to_iob2
+from bert_ft_tasks.ner import NerOptions, NerTask, detect_scheme, entity_confusion, split_words, to_iob2
 
 
 def write(tmp_path, name, text, encoding="utf-8"):
@@ -119,7 +119,7 @@ def test_split_words_matches_the_tokenizer_word_split():
 
 def test_evaluate_matches_hand_counts():
     """Gold: PER(0-1), LOC(3); predicted: PER(0-1) right, LOC missed, spurious ORG(4)."""
-    from tasks.ner import NerExample
+    from bert_ft_tasks.ner import NerExample
 
     task = NerTask()
     labels = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
@@ -139,7 +139,7 @@ def test_evaluate_matches_hand_counts():
 
 def test_conlleval_and_strict_modes_differ_on_i_start():
     """An entity predicted as I-PER alone counts in conlleval mode, not in strict IOB2 mode."""
-    from tasks.ner import NerExample
+    from bert_ft_tasks.ner import NerExample
 
     task = NerTask()
     labels = ["O", "B-PER", "I-PER"]

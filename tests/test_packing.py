@@ -14,10 +14,10 @@ import torch
 from bert_ft.data import Collator, first_fit_decreasing
 from bert_ft.encoder import load_tokenizer
 from bert_ft.heads import full_top_layer
-from bert_ft.train import packing_is_exact
-from tasks.ner import NerExample, NerTask, with_document_context
-from tasks.relation import RelationExample, RelationTask
-from tasks.sentence import SentenceExample, SentenceTask
+from bert_ft.training_setup import packing_is_exact
+from bert_ft_tasks.ner import NerExample, NerTask, with_document_context
+from bert_ft_tasks.relation import RelationExample, RelationTask
+from bert_ft_tasks.sentence import SentenceExample, SentenceTask
 
 ATTENTIONS = ("eager", "sdpa")
 WORDS = "the river bank near Paris was flooded after heavy rain in early spring".split()

@@ -1,7 +1,7 @@
 """A task from outside the repository: multiple choice (examples/plugins/multiple_choice.py) through --task_module.
 
 Its examples' input_ids have shape (choices, seq) and are not flattened into separate examples; it trains, saves,
-reloads with identical outputs and predicts, while no file of bert_ft/ knows it and nothing is added to tasks.TASKS.
+reloads with identical outputs and predicts, while no file of bert_ft/ or tasks/ knows it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
-def test_multiple_choice_plugin_trains_saves_reloads_and_predicts(tiny_model_dir, tmp_path):
+def test_multiple_choice_plugin_trains_saves_reloads_and_predicts(tiny_model_dir, tmp_path, monkeypatch):
     train = write_jsonl(tmp_path / "train.jsonl", QUESTIONS * 4)
     test = write_jsonl(tmp_path / "test.jsonl", QUESTIONS)
     run_dir = tmp_path / "run"
@@ -56,13 +56,16 @@ def test_multiple_choice_plugin_trains_saves_reloads_and_predicts(tiny_model_dir
     sys.path.insert(0, PLUGINS)
     try:
         from bert_ft.data import Collator
-        from bert_ft.heads import load_model, save_model
-        from bert_ft.plugins import task_registry
-        from tasks import TASKS
+        from bert_ft.model_folder import load_model, save_model
+        from bert_ft import plugins
+        from bert_ft.plugins import registered_tasks, task_registry, use_task_modules
 
-        registry = task_registry(TASKS, ["multiple_choice"])
-        assert "multiple_choice" not in TASKS, "nothing is patched into tasks.TASKS"
-        model, tokenizer, _ = load_model(str(run_dir / "model"), registry)
+        monkeypatch.setattr(plugins, "_task_modules", [])  # this test's registrations end with it
+        registry = task_registry(["multiple_choice"])
+        assert "multiple_choice" not in registered_tasks(), "task_registry(modules) registers nothing"
+        use_task_modules(["multiple_choice"])
+        assert registered_tasks()["multiple_choice"] is registry["multiple_choice"]
+        model, tokenizer, _ = load_model(str(run_dir / "model"))
         task = registry["multiple_choice"]()
         examples = task.read(test)
         features = task.encode(examples, tokenizer, 32, model.labels)
@@ -71,7 +74,7 @@ def test_multiple_choice_plugin_trains_saves_reloads_and_predicts(tiny_model_dir
         batch.pop("feature_index")
         assert batch["input_ids"].shape[:2] == (len(examples), 3)
         save_model(model, tokenizer, str(tmp_path / "again"), task.name)
-        reloaded, _, _ = load_model(str(tmp_path / "again"), registry)
+        reloaded, _, _ = load_model(str(tmp_path / "again"))
         with torch.no_grad():
             first, second = model(**batch, decode=True), reloaded(**batch, decode=True)
         assert torch.equal(first["probs"], second["probs"])

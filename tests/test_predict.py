@@ -10,11 +10,13 @@ import torch
 
 from bert_ft.cli import main
 from bert_ft.data import Collator
-from bert_ft.heads import load_model, save_model
+from bert_ft.model_folder import load_model, save_model
 from bert_ft.optim import build_optimizer, parameter_groups
-from bert_ft.predict import predict_examples
-from tasks import TASKS
-from tasks.ner import NerExample, NerTask
+from bert_ft.prediction import predict_examples
+from bert_ft.plugins import registered_tasks
+from bert_ft_tasks.ner import NerExample, NerTask
+
+TASKS = registered_tasks()
 
 CITIES = ["Paris", "Berlin", "Madrid"]
 FILLER = ["the", "a", "we", "walked", "to", "and", "then", "saw", "big", "river", "."]
@@ -65,7 +67,7 @@ def city_tagger(tiny_model_dir, tmp_path_factory) -> str:
 
 
 def test_long_text_returns_every_entity_with_slicing_offsets(city_tagger):
-    model, tokenizer, _ = load_model(city_tagger, TASKS)
+    model, tokenizer, _ = load_model(city_tagger)
     rng = random.Random(3)
     words = [rng.choice(CITIES) if i % 7 == 3 else rng.choice(FILLER[:-1]) for i in range(400)]
     text = "  ".join(words[:200]) + "\n" + " ".join(words[200:])
@@ -81,7 +83,7 @@ def test_long_text_returns_every_entity_with_slicing_offsets(city_tagger):
 def test_ner_predictions_equal_transformers_pipeline(city_tagger):
     from transformers import pipeline
 
-    model, tokenizer, _ = load_model(city_tagger, TASKS)
+    model, tokenizer, _ = load_model(city_tagger)
     texts = ["We walked to Paris, then Berlin.", "Madrid and the big river", "the a we", "Berlin!Paris?Madrid"]
     ours = predict_examples(NerTask(), model, tokenizer, texts, max_seq_length=128, batch_size=8)
     tagger = pipeline("token-classification", model=city_tagger, aggregation_strategy="first", device="cpu")
@@ -99,7 +101,7 @@ def test_predict_command_reads_file_and_writes_jsonl(city_tagger, tmp_path):
     records.write_text("\n".join(json.dumps({"text": text}) for text in ("We saw Paris.", "Berlin and Madrid")))
     for inputs in (plain, records):
         output = tmp_path / "out.jsonl"
-        assert main(TASKS, ["predict", "--model_dir", city_tagger, "--input_file", str(inputs),
+        assert main(["predict", "--model_dir", city_tagger, "--input_file", str(inputs),
                             "--output_file", str(output)]) == 0
         rows = [json.loads(line) for line in output.read_text().splitlines()]
         assert [row["text"] for row in rows] == ["We saw Paris.", "Berlin and Madrid"]
@@ -107,7 +109,7 @@ def test_predict_command_reads_file_and_writes_jsonl(city_tagger, tmp_path):
 
 
 def test_predict_on_a_missing_model_dir_is_a_clear_error(tmp_path, capsys):
-    assert main(TASKS, ["predict", "--model_dir", str(tmp_path / "nope"), "text"]) == 2
+    assert main(["predict", "--model_dir", str(tmp_path / "nope"), "text"]) == 2
     assert "no such folder" in capsys.readouterr().err
 
 
@@ -132,7 +134,7 @@ def test_sentence_predictions_equal_transformers_pipeline(tiny_model_dir, tmp_pa
     folder = str(tmp_path / "model")
     save_model(model.eval(), tokenizer, folder, "sentence", {"max_seq_length": 64})
     texts = [example.text for example in examples[:6]] + ["这部电影很好看", "Not bad at all!"]
-    reloaded, reloaded_tokenizer, _ = load_model(folder, TASKS)
+    reloaded, reloaded_tokenizer, _ = load_model(folder)
     ours = predict_examples(task, reloaded, reloaded_tokenizer, texts, max_seq_length=64, batch_size=4)
     classifier = pipeline("text-classification", model=folder, device="cpu", top_k=None)
     for text, result in zip(texts, ours):

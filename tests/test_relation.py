@@ -18,12 +18,14 @@ import torch
 from bert_ft.cli import parse
 from bert_ft.data import Collator
 from bert_ft.errors import DataError
-from bert_ft.heads import load_model, save_model
-from bert_ft.predict import predict_examples
+from bert_ft.model_folder import load_model, save_model
+from bert_ft.prediction import predict_examples
 from bert_ft.task import Features
-from tasks import TASKS
-from tasks.relation import (MARKERS, EntityPairClassifier, RelationExample, RelationOptions, RelationTask,
+from bert_ft.plugins import registered_tasks
+from bert_ft_tasks.relation import (MARKERS, EntityPairClassifier, RelationExample, RelationOptions, RelationTask,
                             choose_tokens, mark_spans)
+
+TASKS = registered_tasks()
 
 REPO = Path(__file__).resolve().parents[1]
 SEMEVAL = REPO.parent / "shared" / "data" / "semeval2010_task8"
@@ -440,7 +442,7 @@ def test_predict_marked_strings_and_span_dicts_and_reload(tokenizer, tmp_path) -
     assert results[0]["probabilities"] == results[1]["probabilities"]
     # A saved model folder reloads with its markers and predicts the same.
     save_model(model, tokenizer, str(tmp_path / "model"), "relation", {"task_options": {"pooling": "entity_start"}})
-    loaded, loaded_tokenizer, meta = load_model(str(tmp_path / "model"), TASKS)
+    loaded, loaded_tokenizer, meta = load_model(str(tmp_path / "model"))
     assert meta["head_options"] == {"pooling": "entity_start"} and len(loaded_tokenizer) == len(tokenizer)
     again = predict_examples(task, loaded, loaded_tokenizer, inputs, 32, 8)
     assert [result["probabilities"] for result in again] == [result["probabilities"] for result in results]
@@ -450,12 +452,12 @@ def test_predict_marked_strings_and_span_dicts_and_reload(tokenizer, tmp_path) -
 
 def test_cli_registers_relation_with_pooling_flag() -> None:
     assert TASKS["relation"] is RelationTask
-    name, config, task = parse(TASKS, ["relation", "--pooling", "entity_mean", "--max_seq_length", "64"])
+    name, config, task = parse(["relation", "--pooling", "entity_mean", "--max_seq_length", "64"])
     assert name == "relation" and isinstance(task, RelationTask)
     assert task.options == RelationOptions(pooling="entity_mean") and config.max_seq_length == 64
     assert task.head_options() == {"pooling": "entity_mean"}
     with pytest.raises(SystemExit):
-        parse(TASKS, ["relation", "--pooling", "max"])
+        parse(["relation", "--pooling", "max"])
     defaults = RelationTask().default_files()
     assert defaults["validation"] is None
     assert os.path.isfile(defaults["train"]) and os.path.isfile(defaults["test"])
@@ -478,7 +480,7 @@ def test_fine_tune_minilm_on_semeval_slice(tmp_path) -> None:
     from bert_ft.cli import main
 
     output_dir = tmp_path / "run"
-    code = main(TASKS, ["relation", "--train_file", str(SEMEVAL / "TRAIN_FILE.TXT"),
+    code = main(["relation", "--train_file", str(SEMEVAL / "TRAIN_FILE.TXT"),
                         "--test_file", str(SEMEVAL / "TEST_FILE_FULL.TXT"), "--max_train_samples", "400",
                         "--max_eval_samples", "200", "--num_train_epochs", "2", "--learning_rate", "1e-4",
                         "--head_learning_rate", "1e-3", "--per_device_train_batch_size", "16",

@@ -12,9 +12,11 @@ import time
 import pytest
 
 from bert_ft.cli import main
-from tasks import TASKS
+from bert_ft.plugins import registered_tasks
 
 from .conftest import ROOT
+
+TASKS = registered_tasks()
 
 SAMPLES = os.path.join(ROOT, "tasks", "samples")
 SCORE_KEYS = ("eval_f1", "test_f1", "test_precision", "test_recall", "train_loss")
@@ -73,7 +75,7 @@ def test_bad_input_gives_one_clear_message(case, tiny_model_dir, tmp_path, capsy
     if "test" not in files:
         args += ["--test_file", write(tmp_path, "ok_test.txt", "Peter O\n")]
     args += ["--validation_file", write(tmp_path, "ok_dev.txt", "Peter O\n")]
-    assert main(TASKS, args) == 2
+    assert main(args) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and expected in error, error
     assert "Traceback" not in error
@@ -92,14 +94,14 @@ def test_output_dir_with_another_run_is_refused(tiny_model_dir, tmp_path, capsys
     output_dir = tmp_path / "run"
     output_dir.mkdir()
     (output_dir / "metrics.json").write_text('{"test_f1": 0.9}')
-    assert main(TASKS, tiny_args(tiny_model_dir, str(output_dir))) == 2
+    assert main(tiny_args(tiny_model_dir, str(output_dir))) == 2
     assert "holds another run" in capsys.readouterr().err
     assert (output_dir / "metrics.json").read_text() == '{"test_f1": 0.9}'
 
 
 def test_nan_loss_stops_and_names_the_step(tiny_model_dir, tmp_path, capsys):
     output_dir = str(tmp_path / "run")
-    code = main(TASKS, tiny_args(tiny_model_dir, output_dir, "--learning_rate", "1e30", "--head_learning_rate",
+    code = main(tiny_args(tiny_model_dir, output_dir, "--learning_rate", "1e30", "--head_learning_rate",
                                  "1e30", "--max_grad_norm", "0", "--save_steps", "1", "--logging_steps", "1",
                                  "--warmup_ratio", "0"))
     error = capsys.readouterr().err
@@ -111,8 +113,8 @@ def test_nan_loss_stops_and_names_the_step(tiny_model_dir, tmp_path, capsys):
 
 def test_same_command_twice_gives_identical_scores(tiny_model_dir, tmp_path):
     first, second = str(tmp_path / "a"), str(tmp_path / "b")
-    assert main(TASKS, tiny_args(tiny_model_dir, first)) == 0
-    assert main(TASKS, tiny_args(tiny_model_dir, second)) == 0
+    assert main(tiny_args(tiny_model_dir, first)) == 0
+    assert main(tiny_args(tiny_model_dir, second)) == 0
     assert {k: read_metrics(first)[k] for k in SCORE_KEYS} == {k: read_metrics(second)[k] for k in SCORE_KEYS}
     with open(os.path.join(first, "test_predictions.txt")) as a, open(os.path.join(second, "test_predictions.txt")) as b:
         assert a.read() == b.read()
@@ -135,7 +137,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed from" in result.stdout + result.stderr
     reference = str(tmp_path / "reference")
-    assert main(TASKS, tiny_args(tiny_model_dir, reference, "--save_steps", "3", "--num_train_epochs", "3")) == 0
+    assert main(tiny_args(tiny_model_dir, reference, "--save_steps", "3", "--num_train_epochs", "3")) == 0
     resumed = read_metrics(str(tmp_path / "killed"))
     expected = read_metrics(reference)
     assert {k: resumed[k] for k in SCORE_KEYS} == {k: expected[k] for k in SCORE_KEYS}
@@ -149,12 +151,12 @@ def refit_temperature(run_dir: str, validation_file: str, count: int, batch_size
     """The end-of-training temperature fit again in this one process, from the run's saved model."""
     from bert_ft.calibration import calibrate
     from bert_ft.data import Collator
-    from bert_ft.heads import load_model
+    from bert_ft.model_folder import load_model
     from bert_ft.inference import decode_batches, eval_loader, score_batches
 
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as handle:
         config = json.load(handle)
-    model, tokenizer, meta = load_model(os.path.join(run_dir, "model"), TASKS)
+    model, tokenizer, meta = load_model(os.path.join(run_dir, "model"))
     task = TASKS["ner"](TASKS["ner"].options_type(**meta["task_options"]))
     examples = task.read(validation_file)[:count]
     features = task.encode(examples, tokenizer, meta["max_seq_length"], model.labels)
@@ -183,7 +185,7 @@ def test_two_processes_train_and_evaluate_every_example_once(tiny_model_dir, tmp
     # Every test sentence exactly once, in input order (gather_for_metrics drops the padding duplicates).
     with open(os.path.join(output_dir, "test_predictions.txt"), encoding="utf-8") as handle:
         sentences = handle.read().strip("\n").split("\n\n")
-    from tasks.ner import NerTask
+    from bert_ft_tasks.ner import NerTask
 
     gold = NerTask().read(os.path.join(SAMPLES, "ner_test.txt"))[:40]
     assert [[line.split()[0] for line in block.split("\n")] for block in sentences] == [e.words for e in gold]
@@ -193,6 +195,6 @@ def test_two_processes_train_and_evaluate_every_example_once(tiny_model_dir, tmp
     assert metrics["calibration_temperature"] == pytest.approx(
         refit_temperature(output_dir, os.path.join(SAMPLES, "ner_dev.txt"), 40, 10)["temperature"], rel=1e-3)
     single = str(tmp_path / "single")
-    assert main(TASKS, tiny_args(tiny_model_dir, single)) == 0
+    assert main(tiny_args(tiny_model_dir, single)) == 0
     # Same data, same epochs; 2 ranks see the batches in a different grouping, so only "within noise".
     assert abs(metrics["test_f1"] - read_metrics(single)["test_f1"]) < 0.15

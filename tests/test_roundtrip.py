@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from bert_ft.data import Collator
-from bert_ft.heads import load_model, save_model
+from bert_ft.model_folder import load_model, save_model
 from bert_ft.optim import build_optimizer, parameter_groups
-from tasks import TASKS
+from bert_ft.plugins import registered_tasks
+
+TASKS = registered_tasks()
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -39,7 +41,7 @@ def test_train_save_reload_identical_outputs(name, tiny_model_dir, tmp_path):
     model.eval()
     folder = str(tmp_path / "model")
     save_model(model, tokenizer, folder, name, {"max_seq_length": 64})
-    reloaded, reloaded_tokenizer, meta = load_model(folder, TASKS)
+    reloaded, reloaded_tokenizer, meta = load_model(folder)
     assert type(reloaded) is task_type.head_type
     assert meta["task"] == name and meta["labels"] == labels
     assert reloaded_tokenizer(["a <e1>b</e1>"])["input_ids"] == tokenizer(["a <e1>b</e1>"])["input_ids"]

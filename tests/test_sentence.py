@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bert_ft.errors import DataError
-from tasks.sentence import SentenceOptions, SentenceTask
+from bert_ft_tasks.sentence import SentenceOptions, SentenceTask
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            "shared", "data")
@@ -92,7 +92,7 @@ def test_label_order_numeric_or_alphabetical():
 
 
 def read_examples_with_labels(labels):
-    from tasks.sentence import SentenceExample
+    from bert_ft_tasks.sentence import SentenceExample
 
     return [SentenceExample(f"text {label}", label, str(index), "x", index) for index, label in enumerate(labels)]
 
@@ -267,7 +267,7 @@ def test_missing_and_empty_files(tmp_path):
 
 def test_encode_truncates_and_handles_pairs(tiny_model_dir):
     from bert_ft.encoder import load_tokenizer
-    from tasks.sentence import SentenceExample
+    from bert_ft_tasks.sentence import SentenceExample
 
     tokenizer = load_tokenizer(tiny_model_dir)
     examples = [SentenceExample("word " * 50, "a", "1", "x", 2), SentenceExample("short", "b", "2", "x", 3)]
@@ -282,9 +282,8 @@ def test_encode_truncates_and_handles_pairs(tiny_model_dir):
 def test_saved_and_reloaded_model_gives_identical_logits(tiny_model_dir, tmp_path):
     from bert_ft.data import Collator
     from bert_ft.encoder import load_tokenizer
-    from bert_ft.heads import load_model, save_model
-    from bert_ft.predict import predict_examples
-    from tasks import TASKS
+    from bert_ft.model_folder import load_model, save_model
+    from bert_ft.prediction import predict_examples
 
     task = SentenceTask()
     examples = task.read(task.default_files()["test"])[:12]
@@ -294,7 +293,7 @@ def test_saved_and_reloaded_model_gives_identical_logits(tiny_model_dir, tmp_pat
     model = task.build_model(tiny_model_dir, labels, tokenizer, False).eval()
     folder = str(tmp_path / "model")
     save_model(model, tokenizer, folder, "sentence", {"max_seq_length": 64})
-    loaded, loaded_tokenizer, meta = load_model(folder, TASKS)
+    loaded, loaded_tokenizer, meta = load_model(folder)
     assert meta["task"] == "sentence" and loaded.labels == labels
 
     features = task.encode(examples, loaded_tokenizer, 64, labels)
@@ -318,7 +317,7 @@ def test_saved_and_reloaded_model_gives_identical_logits(tiny_model_dir, tmp_pat
 def test_evaluate_and_write_predictions(tmp_path):
     import numpy as np
     from bert_ft.task import Features
-    from tasks.sentence import SentenceExample
+    from bert_ft_tasks.sentence import SentenceExample
 
     task = SentenceTask()
     examples = [SentenceExample(f"t{i}", gold, f"id{i}", "dev.tsv", i + 2) for i, gold in enumerate("aabb")]
@@ -357,14 +356,13 @@ def test_from_hub_class_label_names_and_hidden_test_labels():
 def test_train_and_predict_commands_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     """The whole pipeline through the CLI on JSONL data with Chinese text and string labels (seconds on CPU)."""
     from bert_ft.cli import main
-    from tasks import TASKS
 
     rows = [{"sentence": text, "label": label, "uid": f"u{index}"}
             for index, (text, label) in enumerate([("很好看", "正面"), ("太差了", "负面"), ("great fun", "正面"),
                                                    ("dull and slow", "负面")] * 4)]
     data = write(tmp_path, "zh.jsonl", "\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n")
     run_dir = str(tmp_path / "run")
-    code = main(TASKS, ["sentence", "--model_name_or_path", tiny_model_dir, "--train_file", data,
+    code = main(["sentence", "--model_name_or_path", tiny_model_dir, "--train_file", data,
                         "--validation_file", data, "--test_file", data, "--id_column", "uid", "--output_dir", run_dir,
                         "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3"])
     assert code == 0
@@ -379,7 +377,7 @@ def test_train_and_predict_commands_on_a_tiny_model(tiny_model_dir, tmp_path, ca
     assert f"scored file: {data}" in report and "gold \\ pred" in report
 
     capsys.readouterr()
-    assert main(TASKS, ["predict", "--model_dir", os.path.join(run_dir, "model"), "真不错", "boring"]) == 0
+    assert main(["predict", "--model_dir", os.path.join(run_dir, "model"), "真不错", "boring"]) == 0
     results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["text"] for r in results] == ["真不错", "boring"]
     assert all(set(r["probabilities"]) == {"正面", "负面"} and r["label"] in ("正面", "负面") for r in results)
@@ -391,12 +389,11 @@ def test_report_to_tensorboard_logs_loss_and_validation_metric(tiny_model_dir, t
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from bert_ft.cli import main
-    from tasks import TASKS
 
     rows = [{"sentence": text, "label": label} for text, label in [("great fun", "pos"), ("dull", "neg")] * 8]
     data = write(tmp_path, "data.jsonl", "\n".join(json.dumps(row) for row in rows) + "\n")
     run_dir = tmp_path / "run"
-    assert main(TASKS, ["sentence", "--model_name_or_path", tiny_model_dir, "--train_file", data,
+    assert main(["sentence", "--model_name_or_path", tiny_model_dir, "--train_file", data,
                         "--validation_file", data, "--output_dir", str(run_dir), "--num_train_epochs", "2",
                         "--per_device_train_batch_size", "4", "--logging_steps", "2",
                         "--report_to", "tensorboard"]) == 0
@@ -433,12 +430,11 @@ def test_fine_tune_minilm_on_sst2_with_and_without_fgm(tmp_path):
 
 def _fine_tune_twice(tmp_path, train: str, dev: str, dev_labels: list[str], majority: float) -> tuple[float, float]:
     from bert_ft.cli import main
-    from tasks import TASKS
 
     start, cpu_start = time.perf_counter(), time.process_time()
     for adversarial in ("none", "fgm"):
         output_dir = str(tmp_path / adversarial)
-        code = main(TASKS, ["sentence", "--train_file", train, "--test_file", dev, "--output_dir", output_dir,
+        code = main(["sentence", "--train_file", train, "--test_file", dev, "--output_dir", output_dir,
                             "--max_train_samples", str(TRAIN_SAMPLES), "--max_eval_samples", "200",
                             "--num_train_epochs", "2", "--per_device_train_batch_size", "16",
                             "--learning_rate", "2e-4", "--head_learning_rate", "1e-3", "--max_seq_length", "64",
@@ -464,7 +460,7 @@ def test_first_token_top_layer_equals_the_full_forward(tiny_model_dir, attention
     """The [CLS]-only top layer gives the stock logits and gradients (padding included) and saves a stock folder."""
     from transformers import AutoModelForSequenceClassification
 
-    from tasks.sentence import SequenceClassifier
+    from bert_ft_tasks.sentence import SequenceClassifier
 
     head = SequenceClassifier.create(tiny_model_dir, ["neg", "pos", "neutral"])
     reference = AutoModelForSequenceClassification.from_pretrained(

@@ -15,7 +15,7 @@ from accelerate import Accelerator  # noqa: E402
 
 from bert_ft.calibration import calibrate  # noqa: E402
 from bert_ft.inference import decode_batches  # noqa: E402
-from tasks.ner import NerTask  # noqa: E402
+from bert_ft_tasks.ner import NerTask  # noqa: E402
 from tests.test_calibration import LABELS, _ner_split, _tagger, _with_index, _word_batch  # noqa: E402
 
 

@@ -20,7 +20,7 @@ from bert_ft.data import read_jsonl_records, read_text_lines
 from bert_ft.errors import DataError
 from bert_ft.heads import ClassifierHead
 from bert_ft.metrics import classification_report_dict
-from bert_ft.task import ClassificationTask, Evaluation, Features
+from bert_ft.task import ClassificationTask, Features
 
 _FIX = '{"context": "...", "choices": ["...", "..."], "label": 0} per line, the same number of choices in each'
 
@@ -95,12 +95,9 @@ class MultipleChoiceTask(ClassificationTask):
             lengths.append(max(len(ids) for ids in encoded["input_ids"]))
         return Features(inputs, list(range(len(examples))), lengths)
 
-    def evaluate(self, examples, features, outputs, labels, source) -> Evaluation:
-        predicted = self.predicted_labels(examples, features, outputs, labels)
-        gold = [example.label for example in examples]
+    def score_labels(self, gold, predicted, labels, source, features) -> tuple[dict, str]:
         scores = classification_report_dict(gold, predicted, labels)
-        return Evaluation({"accuracy": scores["accuracy"]}, f"scored file: {source}\naccuracy {scores['accuracy']:.4f}",
-                          predicted)
+        return {"accuracy": scores["accuracy"]}, f"scored file: {source}\naccuracy {scores['accuracy']:.4f}"
 
     def input_examples(self, inputs: list) -> list[ChoiceExample]:
         examples = []
