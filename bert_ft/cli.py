@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="tasks:\n" + "\n".join(f"  {name:<10} {task.description}" for name, task in tasks.items())
         + "\n  predict    predict on raw text with a trained model folder (or an export folder)"
         + "\n  export     export a trained model folder to ONNX (optionally int8), checked against the original"
-        + f"\n\n`{program_name()} TASK --help` lists every flag. Tasks from outside bert-ft: --task_module MODULE, or the "
-        + f"entry-point group {ENTRY_POINT_GROUP!r} (README: Custom tasks).")
+        + f"\n\n`{program_name()} TASK --help` lists every flag. Tasks from outside bert-ft: --task_module MODULE, "
+        + f"or the entry-point group {ENTRY_POINT_GROUP!r} (README: Custom tasks).")
     parser.add_argument("--task_module", metavar="MODULE", action="append",
                         help="import MODULE and register the Task subclasses it defines (repeatable)")
     commands = parser.add_subparsers(dest="task", metavar="{" + ",".join([*tasks, "predict", "export"]) + "}",

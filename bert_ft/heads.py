@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover - depends on the installed transformers
 from .encoder import load_config, load_pretrained
 from .errors import UsageError
 from .losses import LOSSES, classification_loss
+
 HEAD_WEIGHTS = "bert_ft_head.safetensors"
 ENCODER_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 

@@ -26,6 +26,7 @@ import os
 from typing import Any, Sequence
 
 import torch
+from accelerate.utils import set_seed
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from .api import finetune
@@ -52,8 +53,8 @@ def save_tiny_bert(folder: str, max_position_embeddings: int = 512, seed: int = 
 
 
 def check_task(task: Task, train_file: str, work_dir: str, inputs: Sequence[Any] | None = None,
-               model_dir: str | None = None, epochs: int = 3, learning_rate: float = 1e-3, batch_size: int = 4,
-               max_seq_length: int = 64, max_train_samples: int | None = 48, **flags: Any) -> dict:
+               model_dir: str | None = None, epochs: int = 8, learning_rate: float = 5e-3, batch_size: int = 4,
+               max_seq_length: int = 64, max_train_samples: int | None = 8, **flags: Any) -> dict:
     """Train, save, reload, predict and compare packed with padded rows for `task` (see the module docstring).
 
     `train_file`: a labelled file the task reads (also scored as validation and test); `work_dir`: an empty
@@ -74,7 +75,7 @@ def check_task(task: Task, train_file: str, work_dir: str, inputs: Sequence[Any]
     examples = task.read(train_file)
     examples = examples[:max_train_samples] if max_train_samples else examples
     features = task.encode(examples, tokenizer, max_seq_length, model.labels)
-    torch.manual_seed(0)
+    set_seed(TrainConfig(**flags).seed)  # the run's seed: the head starts from the weights training started from
     untrained = task.build_model(model_dir, model.labels, tokenizer, False).eval()
     loss_before, loss_after = _mean_loss(untrained, task, tokenizer, features), _mean_loss(model, task, tokenizer,
                                                                                           features)

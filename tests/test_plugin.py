@@ -108,3 +108,20 @@ def test_unknown_task_module_is_a_clear_error(tmp_path):
                           "ner"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --task_module no_such_module_xyz: cannot import it")
     assert "Traceback" not in bad.stderr
+
+
+def test_multiple_choice_plugin_passes_the_public_harness(tiny_model_dir, tmp_path, monkeypatch):
+    """bert_ft.testing.check_task, as a plugin author would call it: trains (the loss falls), saves and reloads with
+    equal outputs, predicts one result per raw input (packing is not checked: the task is not packable)."""
+    from bert_ft.testing import check_task
+
+    monkeypatch.syspath_prepend(PLUGINS)
+    from multiple_choice import MultipleChoiceTask
+
+    train = write_jsonl(tmp_path / "train.jsonl", QUESTIONS * 4)
+    inputs = [{"context": context, "choices": choices} for context, choices, _ in QUESTIONS]
+    report = check_task(MultipleChoiceTask(), train, str(tmp_path / "check"), inputs=inputs,
+                        model_dir=tiny_model_dir)
+    assert report["loss_after"] < report["loss_before"]
+    assert [len(result["probabilities"]) for result in report["predictions"]] == [3] * len(QUESTIONS)
+    assert report["packing_exact"] is None and 0.0 <= report["metrics"]["test_accuracy"] <= 1.0
