@@ -1,8 +1,10 @@
 """The run configuration: one dataclass whose fields are the command-line flags.
 
-Each field is declared with `flag(default, "one-line help")`; `build_parser` turns the fields into argparse flags
-(help text included) and `load_config` merges a YAML/JSON `--config` file under the command-line flags.
-Tasks add their own small options dataclass (e.g. `--crf` for NER) through the same machinery.
+Each field is declared with `flag(default, "one-line help")`; `add_dataclass_flags` turns the fields into argparse
+flags (help text included; `bert_ft.cli.build_parser` calls it for every sub-command), `resolve` merges a YAML/JSON
+`--config` file (`read_config_file`) under the command-line flags and builds the dataclasses, and
+`TrainConfig.problems` judges the values; every problem is reported at once. Tasks add their own small options
+dataclass (e.g. `--crf` for NER) through the same machinery; `bert_ft.docs` renders all of them as docs/flags.md.
 """
 
 from __future__ import annotations
