@@ -1,8 +1,10 @@
-"""The README's flag table, generated from the config dataclasses: `python -m bert_ft.docs`."""
+"""The flag reference docs/flags.md, generated from the config dataclasses: `python -m bert_ft.docs` (run from the
+repository root) rewrites it; tests/test_docs.py fails while the page and the code disagree."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 
 def flags_table(option_types: dict[str, type]) -> str:
@@ -26,11 +28,24 @@ def all_flags_table(tasks: dict) -> str:
                         "predict": PredictConfig, "export": ExportConfig})
 
 
+FLAGS_PAGE = os.path.join("docs", "flags.md")  # relative to the repository root
+
+
+def flags_page(tasks: dict) -> str:
+    """The whole text of docs/flags.md: a title, how it is made, and the table."""
+    return ("# Every flag\n\n"
+            "Generated from the config dataclasses by `python -m bert_ft.docs` (run from the repository root after "
+            "changing a flag;\n`tests/test_docs.py` fails while this page and the code disagree). `run_task.py TASK "
+            "--help` prints the same\nflags for one task. Back to the [documentation index](README.md).\n\n"
+            + all_flags_table(tasks) + "\n")
+
+
 if __name__ == "__main__":
-    import os
     import sys
 
     sys.path.insert(0, os.getcwd())
     from tasks import TASKS
 
-    print(all_flags_table(TASKS))
+    with open(FLAGS_PAGE, "w", encoding="utf-8") as handle:
+        handle.write(flags_page(TASKS))
+    print(f"wrote {FLAGS_PAGE}")
