@@ -1,9 +1,10 @@
 """The run configuration: one dataclass whose fields are the command-line flags.
 
 Each field is declared with `flag(default, "one-line help")`; `add_dataclass_flags` turns the fields into argparse
-flags (help text included; `bert_ft.cli.build_parser` calls it per scope) and `resolve` merges a YAML/JSON
-`--config` file (`read_config_file`) under the command-line flags.
-Tasks add their own small options dataclass (e.g. `--crf` for NER) through the same machinery.
+flags (help text included; `bert_ft.cli.build_parser` calls it for every sub-command), `resolve` merges a YAML/JSON
+`--config` file (`read_config_file`) under the command-line flags and builds the dataclasses, and
+`TrainConfig.problems` judges the values; every problem is reported at once. Tasks add their own small options
+dataclass (e.g. `--crf` for NER) through the same machinery; `bert_ft.docs` renders all of them as docs/flags.md.
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
-import yaml
 
 from .errors import UsageError
 from .losses import LOSSES, class_weight_problems
@@ -169,6 +167,8 @@ class TrainConfig:
         if self.dataset_name and self.train_file:
             bad("dataset_name", "contradicts --train_file; give one of them")
         if self.mixed_precision == "fp16":
+            import torch
+
             if not torch.cuda.is_available():
                 bad("mixed_precision fp16", "needs a CUDA GPU (none found); use bf16 (CPUs with AVX-512 BF16 run it "
                     "natively) or no")
@@ -239,6 +239,8 @@ def read_config_file(path: str) -> dict:
         if path.endswith(".json"):
             values = json.loads(text)
         else:
+            import yaml
+
             values = yaml.safe_load(text)
     except Exception as error:  # yaml and json raise different classes
         raise UsageError(f"--config: {path} is not valid YAML/JSON: {error}") from None

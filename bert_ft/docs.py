@@ -1,8 +1,10 @@
-"""The README's flag table, generated from the config dataclasses: `python -m bert_ft.docs`."""
+"""The flag reference docs/flags.md, generated from the config dataclasses: `python -m bert_ft.docs` (run from the
+repository root) rewrites it; tests/test_docs.py fails while the page and the code disagree."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from .cli import PredictConfig
 from .config import TrainConfig
@@ -29,5 +31,19 @@ def all_flags_table() -> str:
                         "predict": PredictConfig, "export": ExportConfig})
 
 
+FLAGS_PAGE = os.path.join("docs", "flags.md")  # relative to the repository root
+
+
+def flags_page() -> str:
+    """The whole text of docs/flags.md: a title, how it is made, and the table."""
+    return ("# Every flag\n\n"
+            "Generated from the config dataclasses by `python -m bert_ft.docs` (run from the repository root after "
+            "changing a flag;\n`tests/test_docs.py` fails while this page and the code disagree). `run_task.py TASK "
+            "--help` prints the same\nflags for one task. Back to the [documentation index](README.md).\n\n"
+            + all_flags_table() + "\n")
+
+
 if __name__ == "__main__":
-    print(all_flags_table())
+    with open(FLAGS_PAGE, "w", encoding="utf-8") as handle:
+        handle.write(flags_page())
+    print(f"wrote {FLAGS_PAGE}")

@@ -209,15 +209,6 @@ def test_config_file_is_overridden_by_flags(tmp_path):
         parse(["ner", "--config", str(path)])
 
 
-def test_readme_flag_table_matches_the_dataclasses():
-    import os
-
-    from bert_ft.docs import all_flags_table
-
-    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8") as handle:
-        assert all_flags_table() in handle.read(), "regenerate with: python -m bert_ft.docs"
-
-
 @pytest.mark.parametrize("name, task", [("conll2003", "ner"), ("cluener2020", "ner"),
                                         ("semeval2010_task8", "relation"), ("sst2", "sentence")])
 def test_ready_configs_are_valid(name, task):
