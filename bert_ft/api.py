@@ -6,6 +6,7 @@ from typing import Any
 
 from .config import TrainConfig, to_dict
 from .errors import UsageError
+from .verbosity import set_verbose
 
 
 def finetune(task: Any, config: TrainConfig | None = None, **flags: Any) -> dict:
@@ -17,7 +18,22 @@ def finetune(task: Any, config: TrainConfig | None = None, **flags: Any) -> dict
     problems = config.problems() + task.problems(config)
     if problems:
         raise UsageError("invalid settings:\n  " + "\n  ".join(problems))
-    return run(task, config)
+    set_verbose(config.verbose)
+    return plain(run(task, config))
+
+
+def plain(value: Any) -> Any:
+    """`value` with numpy and torch scalars (and arrays) made plain Python numbers and lists, recursively."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(item) for item in value)
+    for kind in (bool, int, float, str):  # bool before int; numpy's float64 is a float subclass
+        if isinstance(value, kind):
+            return kind(value)
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return plain(value.tolist())
+    return value
 
 
 def predict(task: Any, model_dir: str, inputs: list, max_seq_length: int | None = None,
@@ -29,5 +45,5 @@ def predict(task: Any, model_dir: str, inputs: list, max_seq_length: int | None 
     from .predict import predict_examples
 
     model, tokenizer, meta = load_model(model_dir, {task.name: type(task)})
-    return predict_examples(task, model, tokenizer, list(inputs), max_seq_length or meta.get("max_seq_length", 128),
-                            batch_size, document)
+    return plain(predict_examples(task, model, tokenizer, list(inputs),
+                                  max_seq_length or meta.get("max_seq_length", 128), batch_size, document))

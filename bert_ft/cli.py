@@ -7,6 +7,7 @@ every flag comes from a dataclass.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from dataclasses import dataclass
@@ -14,7 +15,20 @@ from dataclasses import dataclass
 from .config import TrainConfig, add_dataclass_flags, flag, resolve
 from .errors import BertFtError, UsageError
 from .export import ExportConfig
+from .verbosity import set_verbose
 from .plugins import ENTRY_POINT_GROUP, split_task_modules, task_registry
+
+
+PREDICT_LEGEND = """\
+output fields:
+  NER        entities: {text, type, start, end (character offsets, end exclusive), score, probability}
+               probability  the probability that this exact entity (its span and type) is right: calibrated when
+                            the run fitted a temperature (report.txt, calibration); use it to rank or threshold
+               score        the mean of its words' tag probabilities (what transformers' pipeline reports);
+                            higher than probability for long or uncertain spans, not calibrated
+  relation   label, probability (of that label, calibrated as above), probabilities (every label)
+  sentence   label, probabilities (of every label, calibrated as above; the label has the highest)
+Labels keep their type: a model trained on integer labels (e.g. 1-5 star ratings) predicts integers."""
 
 
 @dataclass
@@ -31,7 +45,7 @@ class PredictConfig:
 
 def build_parser(tasks: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="run_task.py", description="Fine-tune a BERT encoder with a task head, or predict with a trained one.",
+        prog="run_task.py", allow_abbrev=False, description="Fine-tune a BERT encoder with a task head, or predict with a trained one.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="tasks:\n" + "\n".join(f"  {name:<10} {task.description}" for name, task in tasks.items())
         + "\n  predict    predict on raw text with a trained model folder (or an export folder)"
@@ -44,7 +58,7 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
                                      required=True)
     for name, task in tasks.items():
         sub = commands.add_parser(name, help=task.description, description=task.description,
-                                  argument_default=argparse.SUPPRESS)
+                                  argument_default=argparse.SUPPRESS, allow_abbrev=False)
         add_dataclass_flags(sub, TrainConfig, "training flags (shared by every task)")
         add_dataclass_flags(sub, task.options_type, f"{name} flags")
     predict = commands.add_parser("predict", help="predict on raw text with a trained model folder",
@@ -52,14 +66,36 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
     predict.add_argument("texts", nargs="*", help="texts to label (else --input_file or stdin)")
     add_dataclass_flags(predict, PredictConfig, "predict flags")
     export = commands.add_parser("export", help="export a trained model folder to ONNX, checked against it",
-                                 argument_default=argparse.SUPPRESS)
+                                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
     add_dataclass_flags(export, ExportConfig, "export flags")
     return parser
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def refuse_unknown(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
+    """Exit (status 2) with the command's own usage and, for each unknown flag, the nearest known ones."""
+    sub = _subparsers(parser).get(command, parser)
+    known = [option for action in sub._actions for option in action.option_strings if option.startswith("--")]
+    hints = []
+    for item in unknown:
+        if item.startswith("--"):
+            close = difflib.get_close_matches(item.split("=", 1)[0], known, n=2, cutoff=0.6)
+            if close:
+                hints.append(f"{item.split('=', 1)[0]}: did you mean {' or '.join(close)}?")
+    sub.error(f"unrecognized arguments: {' '.join(unknown)}" + ("\n  " + "\n  ".join(hints) if hints else "")
+              + f"\n  (`run_task.py {command} --help` lists every flag)")
+
+
 def parse(tasks: dict, argv: list[str]):
     """(task name, TrainConfig or PredictConfig, task instance or texts), after validating every flag at once."""
-    namespace = build_parser(tasks).parse_args(argv)
+    parser = build_parser(tasks)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        refuse_unknown(parser, namespace.task, unknown)
     del namespace.task_module  # already read by split_task_modules
     if namespace.task == "predict":
         texts = getattr(namespace, "texts", [])
@@ -102,7 +138,7 @@ def predict_command(tasks: dict, config: PredictConfig, texts: list[str]) -> Non
     task = task_type(task_type.options_type(**meta.get("task_options", {})))
     results = predict_examples(task, model, tokenizer, inputs, config.max_seq_length or meta.get("max_seq_length", 128),
                                config.batch_size, config.input_is_document)
-    write_results(results, config.output_file)
+    write_results(results, config.output_file, f"{meta['task']} predictions of {config.model_dir}")
 
 
 def check_data_command(task, config: TrainConfig) -> None:
@@ -122,6 +158,7 @@ def main(tasks: dict, argv: list[str] | None = None) -> int:
         modules, argv = split_task_modules(argv)
         tasks = task_registry(tasks, modules)
         name, config, extra = parse(tasks, argv)
+        set_verbose(getattr(config, "verbose", False))
         if name == "predict":
             predict_command(tasks, config, extra)
             return 0

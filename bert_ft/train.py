@@ -43,8 +43,9 @@ from .heads import has_score_seam, read_meta, save_model, write_temperature
 from .inference import decode_batches, eval_loader, infer, score_batches
 from .io import atomic_write_json, atomic_write_text
 from .losses import format_weights, label_counts, resolve_class_weights
-from .optim import build_optimizer, format_groups, parameter_groups, set_frozen, unfreeze_all
+from .optim import build_optimizer, format_groups, parameter_groups, set_frozen, summarize_groups, unfreeze_all
 from .report import write_plots
+from .run_folder import check_input_files, choose_output_dir, point_latest, same_on_every_process
 from .task import Evaluation, Features, Task
 
 RUN_MARKERS = ("metrics.json", "config.json", "model", "report.txt")
@@ -378,6 +379,7 @@ class Training:
     packing: str  # "on", or why it is off
     epochs: int  # epochs to run: --num_train_epochs, or as many as --max_steps needs
     class_weights: dict | None = None  # {label: weight} the loss uses (--class_weights), None: unweighted
+    lr_table: str = ""  # the learning-rate groups (format_groups), for report.txt
 
 
 def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Accelerator, log) -> Training:
@@ -392,7 +394,7 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
     set_frozen(model, config.freeze_encoder, config.freeze_layers)
     groups = parameter_groups(model, config.learning_rate, config.head_learning_rate, config.layer_lr_decay,
                               config.weight_decay)
-    log(format_groups(groups))
+    log(format_groups(groups) if config.verbose else summarize_groups(groups))
     optimizer = build_optimizer(groups, config.weight_decay)
 
     pad_values = task.pad_values(data.tokenizer)
@@ -434,7 +436,7 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
                                 config.adv_steps, config.adv_alpha,
                                 params=[param for param in network.parameters() if param.requires_grad])
     return Training(accelerator, model_, network, optimizer, scheduler, train_loader, eval_loaders, collator,
-                    sampler, adversary, packing, epochs, class_weights)
+                    sampler, adversary, packing, epochs, class_weights, format_groups(groups))
 
 
 def set_training_loss(model: torch.nn.Module, task: Task, config: TrainConfig, data: Data, log) -> dict | None:
@@ -716,8 +718,11 @@ def end_of_epoch(epoch: int, training: Training, task: Task, data: Data, state: 
 
 def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict:
     """Train, pick the best epoch on validation, score test, write the run folder; returns metrics.json."""
+    check_input_files(config)  # a misspelled --train_file is named before anything about the output folder
+    default_folder = choose_output_dir(config, task.name)
     check_output_dir_path(config.output_dir)
     accelerator = make_accelerator(config)
+    config.output_dir = same_on_every_process(accelerator, config.output_dir)
     log = accelerator.print
     if accelerator.num_processes > 1 and config.unfreeze_at_epoch:
         raise UsageError("--unfreeze_at_epoch: not supported with several processes (DDP fixes the trainable "
@@ -743,6 +748,8 @@ def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict
     precision = precision_name(accelerator)
     if accelerator.is_main_process:
         os.makedirs(config.output_dir, exist_ok=True)
+        if default_folder:
+            point_latest(config.output_dir, log)
         atomic_write_json(os.path.join(config.output_dir, "config.json"),
                           {"task": task.name, **to_dict(config), **to_dict(task.options),
                            "max_seq_length": data.max_seq_length, "precision": precision,
@@ -815,7 +822,9 @@ def final_scoring(task: Task, config: TrainConfig, data: Data, training: Trainin
         if test_evaluation is not None:
             task.write_predictions(os.path.join(config.output_dir, task.predictions_file), data.splits.test,
                                    test_evaluation.predictions)
-        atomic_write_text(os.path.join(config.output_dir, "report.txt"), "\n\n".join(report_sections) + "\n")
+        lr_section = f"== learning-rate groups ==\n{training.lr_table}"  # in the file only: the screen had one line
+        atomic_write_text(os.path.join(config.output_dir, "report.txt"),
+                          "\n\n".join(report_sections + [lr_section]) + "\n")
         atomic_write_json(os.path.join(config.output_dir, "metrics.json"), metrics)
         write_plots(config.output_dir, state.history, task.metric,
                     test_evaluation.confusion if test_evaluation else None)
