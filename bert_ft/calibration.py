@@ -184,8 +184,8 @@ def fit_temperature(head: Any, scored: list[tuple[dict, torch.Tensor]], accelera
         return None
     outcomes = label_outcomes(scored, accelerator)
     if outcomes is not None and min(outcomes) < MIN_EACH_OUTCOME:
-        return NotFitted(f"not fitted: {count} labels ({outcomes[0]} right, {outcomes[1]} wrong); a fit needs at "
-                         f"least {MIN_EACH_OUTCOME} of each")
+        return NotFitted(f"not fitted: {count} labels ({outcomes[0]} right, {outcomes[1]} wrong predictions); a "
+                         f"fit needs at least {MIN_EACH_OUTCOME} of each")
     if outcomes is None and count < 2 * MIN_EACH_OUTCOME:
         return NotFitted(f"not fitted: {count} labels; a fit needs at least {2 * MIN_EACH_OUTCOME}")
     low, high = TEMPERATURE_RANGE
@@ -217,7 +217,7 @@ def calibration_section(temperature: dict | None, rows: list[tuple[str, float | 
     """The report.txt section: temperature, what a confidence means, ECE before/after per split."""
     lines = ["== calibration ==", f"confidence: {note}" if note else "confidence: as the task defines it"]
     if isinstance(temperature, NotFitted):
-        lines.append(f"temperature: {temperature.reason} (validation): confidences are the raw ones")
+        lines.append(f"temperature: {temperature.reason} on the validation set; confidences are the raw ones")
     elif not temperature:
         lines.append("temperature: not fitted (no validation set with labels): confidences are the raw ones")
     else:

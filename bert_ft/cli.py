@@ -45,7 +45,8 @@ class PredictConfig:
 
 def build_parser(tasks: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="run_task.py", allow_abbrev=False, description="Fine-tune a BERT encoder with a task head, or predict with a trained one.",
+        prog="run_task.py", allow_abbrev=False,
+        description="Fine-tune a BERT encoder with a task head, or predict with a trained one.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="tasks:\n" + "\n".join(f"  {name:<10} {task.description}" for name, task in tasks.items())
         + "\n  predict    predict on raw text with a trained model folder (or an export folder)"
@@ -62,7 +63,9 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
         add_dataclass_flags(sub, TrainConfig, "training flags (shared by every task)")
         add_dataclass_flags(sub, task.options_type, f"{name} flags")
     predict = commands.add_parser("predict", help="predict on raw text with a trained model folder",
-                                  argument_default=argparse.SUPPRESS)
+                                  description="Predict on raw text with a trained model folder: one JSON object per "
+                                  "input.", epilog=PREDICT_LEGEND, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  argument_default=argparse.SUPPRESS, allow_abbrev=False)
     predict.add_argument("texts", nargs="*", help="texts to label (else --input_file or stdin)")
     add_dataclass_flags(predict, PredictConfig, "predict flags")
     export = commands.add_parser("export", help="export a trained model folder to ONNX, checked against it",
@@ -83,7 +86,7 @@ def refuse_unknown(parser: argparse.ArgumentParser, command: str, unknown: list[
     hints = []
     for item in unknown:
         if item.startswith("--"):
-            close = difflib.get_close_matches(item.split("=", 1)[0], known, n=2, cutoff=0.6)
+            close = difflib.get_close_matches(item.split("=", 1)[0], known, n=1, cutoff=0.6)
             if close:
                 hints.append(f"{item.split('=', 1)[0]}: did you mean {' or '.join(close)}?")
     sub.error(f"unrecognized arguments: {' '.join(unknown)}" + ("\n  " + "\n  ".join(hints) if hints else "")

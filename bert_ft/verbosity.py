@@ -1,6 +1,6 @@
 """How much a run prints: quiet by default (one line per stage), `--verbose` restores the libraries' own detail.
 
-Quiet means: the encoder load is one line (`bert_ft.encoder.load_summary`) instead of transformers' load report,
+Quiet means: transformers' progress bars are off, the encoder load is one line (`bert_ft.encoder.load_summary`) instead of transformers' load report,
 the learning-rate group table goes to report.txt instead of the screen, and warnings of the scoring libraries
 (seqeval's UndefinedMetricWarning) are counted in the report instead of printed. A process-wide setting, like
 transformers' own logging verbosity: `set_verbose` is called once by the command line (and the Python API).
@@ -17,8 +17,18 @@ _VERBOSE = False
 
 
 def set_verbose(on: bool) -> None:
+    """Quiet (False) also hides transformers' own progress bars ("Loading weights", "Writing model shards": a
+    model that loads in a second needs no bar) and its warnings. The epoch bars are bert-ft's and stay."""
     global _VERBOSE
     _VERBOSE = bool(on)
+    from transformers.utils import logging as hf_logging
+
+    if _VERBOSE:
+        hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity_warning()
+    else:  # its warnings too (e.g. how resized embeddings are initialised): bert-ft reports what matters
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def is_verbose() -> bool:

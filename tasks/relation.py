@@ -456,7 +456,16 @@ class RelationTask(ClassificationTask):
 
     def data_notes(self, split, examples, features, tokenizer) -> list[str]:
         kinds = Counter(features.meta)
-        return [f"sentences over --max_seq_length: {sum(count for kind, count in kinds.items() if kind != 'full')}"]\
+        notes = []
+        if split == "train":
+            labels = {example.label for example in examples}
+            negative = resolve_negative_label(self.options.negative_label, labels)
+            scored = ("the official SemEval-2010 Task 8 macro-F1" if is_semeval(labels, negative) else
+                      f"macro-F1 over the {len(labels - {negative})} other labels")
+            notes.append(f"negative label (--negative_label {self.options.negative_label}): "
+                         f"{negative if negative else 'none, every label is a relation'}; scored by {scored}")
+        return notes + [f"sentences over --max_seq_length: "
+                        f"{sum(count for kind, count in kinds.items() if kind != 'full')}"] \
             + [f"  {kinds[kind]:>5}  {text}" for kind, text in LONG_KINDS.items()]
 
     # ---------------------------------------------------------------------------------------- features
