@@ -69,6 +69,7 @@ class SpanProblem:
     label: str
     text: str  # the characters the span covers as given
     detail: str  # what happened, e.g. "widened to 'Smithson'" or "overlaps the longer ORG 'Acme Ltd' [0, 8)"
+    words: str = ""  # the whole words the span touches (its text after snapping)
 
     def describe(self) -> str:
         return f"{self.label} {self.text!r} [{self.start}, {self.end}): {self.detail}"
@@ -110,7 +111,7 @@ def tag_spans(text: str, spans: Iterable[tuple[int, int, str]]) -> TaggedText:
         if offsets[first][0] < start or offsets[last][1] > end:
             widened = text[offsets[first][0]:offsets[last][1]]
             problems.append(SpanProblem("snapped", start, end, label, text[start:end],
-                                        f"cuts a word; widened to {widened!r}"))
+                                        f"cuts a word; widened to {widened!r}", widened))
         placed.append((first, last, start, end, label))
     tags = ["O"] * len(words)
     owner: list[tuple | None] = [None] * len(words)

@@ -1,9 +1,10 @@
-"""How much a run prints: quiet by default (one line per stage), `--verbose` restores the libraries' own detail.
+"""How much a run prints: quiet by default (one line per stage); `--verbose` restores the libraries' detail.
 
-Quiet means: transformers' progress bars are off, the encoder load is one line (`bert_ft.encoder.load_summary`) instead of transformers' load report,
-the learning-rate group table goes to report.txt instead of the screen, and warnings of the scoring libraries
-(seqeval's UndefinedMetricWarning) are counted in the report instead of printed. A process-wide setting, like
-transformers' own logging verbosity: `set_verbose` is called once by the command line (and the Python API).
+Quiet means: transformers' progress bars and warnings are off, the encoder load is one line
+(`bert_ft.encoder.load_summary`) instead of transformers' load report, the learning-rate group table goes to
+report.txt instead of the screen, and warnings of the scoring libraries (seqeval's UndefinedMetricWarning) are counted
+in the report instead of printed. A process-wide setting, like transformers' own logging verbosity: `set_verbose` is
+called once by the command line (and the Python API).
 """
 
 from __future__ import annotations

@@ -230,7 +230,8 @@ def span_example(record: dict, path: str, number: int, document: int | None, str
     if strict_spans:
         for problem in tagged.problems:
             if problem.kind == "snapped":
-                raise DataError(path, number, f"span {problem.describe()}",
+                raise DataError(path, number, f"span {problem.label} {problem.text!r} [{problem.start}, "
+                                f"{problem.end}) cuts a word (--strict_spans): its whole words are {problem.words!r}",
                                 "move the span's ends to word boundaries (words as `run_task.py predict` splits "
                                 "them: whitespace, each punctuation mark and each CJK character), or drop "
                                 "--strict_spans to widen such spans to whole words with a counted warning")

@@ -107,7 +107,8 @@ def test_span_reader_counts_names_and_strict_refuses(tmp_path, capsys):
     first, second = NerTask().read(path)
     assert first.tags == ["O", "O", "B-PER", "O", "O", "O"] and first.span_notes[0].startswith("snapped: PER 'Smith'")
     assert second.tags == ["B-LOC", "O", "O", "O"] and not second.span_notes
-    with pytest.raises(DataError, match=r"(?s)cut\.jsonl:1: span PER 'Smith'.*--strict_spans"):
+    refused = r"(?s)cut\.jsonl:1: span PER 'Smith' \[4, 9\) cuts a word.*'Smithson'.*--strict_spans"
+    with pytest.raises(DataError, match=refused):
         NerTask(NerOptions(strict_spans=True)).read(path)
     bad = write(tmp_path / "bad.jsonl", [json.dumps({"text": "Paris", "entities": [
         {"start": 0, "end": 5, "label": "LOC", "text": "Pari"}]})])
@@ -299,6 +300,17 @@ def test_seqeval_warnings_are_counted_not_printed():
     assert not [warning for warning in caught if warning.category.__name__ == "UndefinedMetricWarning"]
     assert re.search(r"seqeval warnings \(UndefinedMetricWarning\): [1-9]", evaluation.report)
     assert all(type(value) is float for value in evaluation.metrics.values())  # not numpy floats
+    from bert_ft.verbosity import set_verbose
+
+    set_verbose(True)  # --verbose: seqeval's own warnings come through, nothing is counted
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            verbose = task.evaluate(examples, features, outputs, labels, "x")
+    finally:
+        set_verbose(False)
+    assert [warning for warning in caught if warning.category.__name__ == "UndefinedMetricWarning"]
+    assert "seqeval warnings" not in verbose.report and verbose.metrics == evaluation.metrics
 
 
 def _tokenizer():
