@@ -41,6 +41,7 @@ sys.path.insert(0, ROOT)
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.allow_abbrev = False  # a misspelled flag is an error, never a prefix match
     parser.add_argument("--run_dir", required=True, help="a finished run folder (config.json, model/)")
     parser.add_argument("--model_dir", help="the model folder (default RUN/model)")
     parser.add_argument("--validation_file", help="default: the run's validation file or seeded validation split")

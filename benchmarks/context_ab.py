@@ -63,6 +63,7 @@ def run_one(name: str, context_size: int, seed: int, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.allow_abbrev = False  # a misspelled flag is an error, never a prefix match
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--context_size", type=int, default=64, help="the context arm's --context_size")
     parser.add_argument("--max_train_samples", type=int, default=2000)

@@ -42,6 +42,7 @@ ARMS = ("none", "fgm")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.allow_abbrev = False  # a misspelled flag is an error, never a prefix match
     parser.add_argument("--data_dir", default=DEFAULT_DATA, help="folder with SST-2 train.tsv and dev.tsv")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--train_samples", type=int, default=400, help="first N rows of train.tsv")

@@ -117,6 +117,7 @@ def paired(results: dict, better: str, base: str, key: str, seeds: list[int]) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.allow_abbrev = False  # a misspelled flag is an error, never a prefix match
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="NAME=FLAGS")
     parser.add_argument("--compare", nargs="+", default=DEFAULT_COMPARE, help="B:A (prints B minus A)")

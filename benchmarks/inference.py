@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.allow_abbrev = False  # a misspelled flag is an error, never a prefix match
     parser.add_argument("task", choices=("ner", "sentence"))
     parser.add_argument("--model_dir", required=True, help="a bert-ft model folder (RUN/model)")
     parser.add_argument("--data", required=True, help="labelled file whose texts are run and scored")

@@ -65,6 +65,7 @@ def run(checkout: str, args: list[str], env: dict, log: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.allow_abbrev = False  # a misspelled flag is an error, never a prefix match
     parser.add_argument("--data", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "conll2003"))
     parser.add_argument("--work_dir", default="/tmp/bert-ft-large")
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000, 1_000_000])

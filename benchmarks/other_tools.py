@@ -448,6 +448,7 @@ def child(args) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.allow_abbrev = False  # a misspelled flag is an error, never a prefix match
     parser.add_argument("--tool", choices=("both",) + TOOLS, default="both")
     parser.add_argument("--max_train_samples", type=int, default=2000)
     parser.add_argument("--max_eval_samples", type=int, default=1000)

@@ -71,6 +71,7 @@ def run_one(task: str, name: str, flags: str, seed: int, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.allow_abbrev = False  # a misspelled flag is an error, never a prefix match
     parser.add_argument("task", choices=sorted(JOBS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="NAME=FLAGS")

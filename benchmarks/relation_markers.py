@@ -33,6 +33,7 @@ DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "semeval201
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.allow_abbrev = False  # a misspelled flag is an error, never a prefix match
     parser.add_argument("--model_name_or_path", default=OFFLINE_DEFAULT_MODEL, help="encoder for both systems")
     parser.add_argument("--data_dir", default=DEFAULT_DATA, help="folder with TRAIN_FILE.TXT and TEST_FILE_FULL.TXT")
     parser.add_argument("--max_train_samples", type=int, default=800, help="first N training examples")

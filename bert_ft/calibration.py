@@ -12,7 +12,8 @@ Objective "label", and the fallback of "confidence" where the task gives no conf
 than ten right or ten wrong predictions, or where the log loss has no minimum inside the temperature range
 (`fit_temperature`): T minimises the negative log-likelihood of the gold labels that the head defines
 (`Head.calibration_nll`; for a CRF every potential is divided by T): convex in 1/T, a golden-section search over
-log T.
+log T. It needs the same minimum (ten right and ten wrong arg-max predictions of the labels); below it nothing is
+fitted (`NotFitted`, whose reason the report prints) and the confidences stay the raw ones.
 """
 
 from __future__ import annotations
@@ -136,17 +137,57 @@ def mean_nll(head: Any, scored: list[tuple[dict, torch.Tensor]], temperature: fl
     return (total.item() / count if count else float("nan")), count
 
 
-def fit_temperature(head: Any, scored: list[tuple[dict, torch.Tensor]], accelerator: Any = None) -> dict | None:
+class NotFitted:
+    """`calibrate`'s answer where no temperature was fitted: false in a condition (like None), with the reason the
+    report gives ("not fitted: 12 labels (11 right, 1 wrong); ...")."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"NotFitted({self.reason!r})"
+
+
+def label_outcomes(scored: list[tuple[dict, torch.Tensor]], accelerator: Any = None) -> tuple[int, int] | None:
+    """(right, wrong) arg-max predictions over the gold labels of scored batches, on every process; None where the
+    scores are not (..., num_labels) logits over the labels' positions (then only the label count is checked)."""
+    counts = torch.zeros(2, dtype=torch.float64)
+    for batch, scores in scored:
+        labels = batch["labels"]
+        if scores.dim() != labels.dim() + 1 or scores.shape[:-1] != labels.shape:
+            return None
+        keep = labels != -100
+        right = (scores.argmax(-1) == labels) & keep
+        counts += torch.tensor([float(right.sum()), float((keep & ~right).sum())], dtype=torch.float64)
+    if accelerator is not None and accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").double().cpu()
+    return int(counts[0]), int(counts[1])
+
+
+def fit_temperature(head: Any, scored: list[tuple[dict, torch.Tensor]], accelerator: Any = None
+                    ) -> dict | NotFitted | None:
     """Fit the temperature on scored validation batches (they must carry the gold `labels`) by the head's negative
     log-likelihood of the gold labels (the fallback of `calibrate`).
 
-    Returns {"temperature", "objective": "label", "nll_before", "nll_after", "labels"} or None when the batches have
-    no gold labels."""
+    Returns {"temperature", "objective": "label", "nll_before", "nll_after", "labels"}; None when the batches have
+    no gold labels; NotFitted where validation has fewer than MIN_EACH_OUTCOME right or wrong arg-max predictions
+    of its labels (or, where those cannot be told, fewer than 2 * MIN_EACH_OUTCOME labels): the same minimum as the
+    confidence fit, since with few wrong predictions the likelihood keeps rising as T falls and the fit would only
+    make a model more confident."""
     if not scored or "labels" not in scored[0][0]:
         return None
     before, count = mean_nll(head, scored, 1.0, accelerator)
     if not count or not math.isfinite(before):
         return None
+    outcomes = label_outcomes(scored, accelerator)
+    if outcomes is not None and min(outcomes) < MIN_EACH_OUTCOME:
+        return NotFitted(f"not fitted: {count} labels ({outcomes[0]} right, {outcomes[1]} wrong predictions); a "
+                         f"fit needs at least {MIN_EACH_OUTCOME} of each")
+    if outcomes is None and count < 2 * MIN_EACH_OUTCOME:
+        return NotFitted(f"not fitted: {count} labels; a fit needs at least {2 * MIN_EACH_OUTCOME}")
     low, high = TEMPERATURE_RANGE
     best = math.exp(golden_section_minimum(lambda log_t: mean_nll(head, scored, math.exp(log_t), accelerator)[0],
                                            math.log(low), math.log(high)))
@@ -159,7 +200,7 @@ def fit_temperature(head: Any, scored: list[tuple[dict, torch.Tensor]], accelera
 
 def calibrate(head: Any, scored: list[tuple[dict, torch.Tensor]],
               confidences_at: Callable[[float], Sequence[tuple[float, bool]] | None] | None,
-              accelerator: Any = None, objective: str = "confidence") -> dict | None:
+              accelerator: Any = None, objective: str = "confidence") -> dict | NotFitted | None:
     """The temperature of a model from its scored validation batches. objective "confidence": fitted to the
     confidences the task judges (`fit_temperature_to_confidences`) where it can be, else to the gold labels'
     likelihood; "label": to the gold labels' likelihood (`fit_temperature`)."""
@@ -175,7 +216,9 @@ def calibration_section(temperature: dict | None, rows: list[tuple[str, float | 
                         changed: int) -> str:
     """The report.txt section: temperature, what a confidence means, ECE before/after per split."""
     lines = ["== calibration ==", f"confidence: {note}" if note else "confidence: as the task defines it"]
-    if temperature is None:
+    if isinstance(temperature, NotFitted):
+        lines.append(f"temperature: {temperature.reason} on the validation set; confidences are the raw ones")
+    elif not temperature:
         lines.append("temperature: not fitted (no validation set with labels): confidences are the raw ones")
     else:
         objective = temperature.get("objective", "label")

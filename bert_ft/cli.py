@@ -8,6 +8,7 @@ The sub-commands come from the task registry (`bert_ft.plugins.registered_tasks`
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from dataclasses import dataclass
@@ -21,6 +22,19 @@ from .model_folder import load_model
 from .plugins import ENTRY_POINT_GROUP, registered_tasks, split_task_modules, use_task_modules
 from .prediction import predict_examples, read_inputs, write_results
 from .train import run
+from .verbosity import set_verbose
+
+
+PREDICT_LEGEND = """\
+output fields:
+  NER        entities: {text, type, start, end (character offsets, end exclusive), score, probability}
+               probability  the probability that this exact entity (its span and type) is right: calibrated when
+                            the run fitted a temperature (report.txt, calibration); use it to rank or threshold
+               score        the mean of its words' tag probabilities (what transformers' pipeline reports);
+                            higher than probability for long or uncertain spans, not calibrated
+  relation   label, probability (of that label, calibrated as above), probabilities (every label)
+  sentence   label, probabilities (of every label, calibrated as above; the label has the highest)
+Labels keep their type: a model trained on integer labels (e.g. 1-5 star ratings) predicts integers."""
 
 
 @dataclass
@@ -44,7 +58,8 @@ def program_name() -> str:
 def build_parser() -> argparse.ArgumentParser:
     tasks = registered_tasks()
     parser = argparse.ArgumentParser(
-        prog=program_name(), description="Fine-tune a BERT encoder with a task head, or predict with a trained one.",
+        prog=program_name(), allow_abbrev=False,
+        description="Fine-tune a BERT encoder with a task head, or predict with a trained one.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="tasks:\n" + "\n".join(f"  {name:<10} {task.description}" for name, task in tasks.items())
         + "\n  predict    predict on raw text with a trained model folder (or an export folder)"
@@ -57,22 +72,46 @@ def build_parser() -> argparse.ArgumentParser:
                                      required=True)
     for name, task in tasks.items():
         sub = commands.add_parser(name, help=task.description, description=task.description,
-                                  argument_default=argparse.SUPPRESS)
+                                  argument_default=argparse.SUPPRESS, allow_abbrev=False)
         add_dataclass_flags(sub, TrainConfig, "training flags (shared by every task)")
         add_dataclass_flags(sub, task.options_type, f"{name} flags")
     predict = commands.add_parser("predict", help="predict on raw text with a trained model folder",
-                                  argument_default=argparse.SUPPRESS)
+                                  description="Predict on raw text with a trained model folder: one JSON object per "
+                                  "input.", epilog=PREDICT_LEGEND, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  argument_default=argparse.SUPPRESS, allow_abbrev=False)
     predict.add_argument("texts", nargs="*", help="texts to label (else --input_file or stdin)")
     add_dataclass_flags(predict, PredictConfig, "predict flags")
     export = commands.add_parser("export", help="export a trained model folder to ONNX, checked against it",
-                                 argument_default=argparse.SUPPRESS)
+                                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
     add_dataclass_flags(export, ExportConfig, "export flags")
     return parser
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def refuse_unknown(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
+    """Exit (status 2) with the command's own usage and, for each unknown flag, the nearest known ones."""
+    sub = _subparsers(parser).get(command, parser)
+    known = [option for action in sub._actions for option in action.option_strings if option.startswith("--")]
+    hints = []
+    for item in unknown:
+        if item.startswith("--"):
+            close = difflib.get_close_matches(item.split("=", 1)[0], known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{item.split('=', 1)[0]}: did you mean {' or '.join(close)}?")
+    sub.error(f"unrecognized arguments: {' '.join(unknown)}" + ("\n  " + "\n  ".join(hints) if hints else "")
+              + f"\n  (`{program_name()} {command} --help` lists every flag)")
+
+
 def parse(argv: list[str]):
     """(task name, TrainConfig or PredictConfig, task instance or texts), after validating every flag at once."""
-    namespace = build_parser().parse_args(argv)
+    parser = build_parser()
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        refuse_unknown(parser, namespace.task, unknown)
     del namespace.task_module  # already read by split_task_modules
     if namespace.task == "predict":
         texts = getattr(namespace, "texts", [])
@@ -112,7 +151,7 @@ def predict_command(config: PredictConfig, texts: list[str]) -> None:
     task = task_type(task_type.options_type(**meta.get("task_options", {})))
     results = predict_examples(task, model, tokenizer, inputs, config.max_seq_length or meta.get("max_seq_length", 128),
                                config.batch_size, config.input_is_document)
-    write_results(results, config.output_file)
+    write_results(results, config.output_file, f"{meta['task']} predictions of {config.model_dir}")
 
 
 def check_data_command(task, config: TrainConfig) -> None:
@@ -130,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         modules, argv = split_task_modules(argv)
         use_task_modules(modules)
         name, config, extra = parse(argv)
+        set_verbose(getattr(config, "verbose", False))
         if name == "predict":
             predict_command(config, extra)
             return 0

@@ -87,8 +87,9 @@ class TrainConfig:
                      choices=LOSSES)
     focal_gamma: float = flag(2.0, "focusing parameter gamma of --loss focal (0 = cross-entropy)")
     # --- evaluation, checkpoints ---
-    output_dir: str = flag("runs/latest", "run folder: metrics.json, report.txt, predictions, model/")
-    overwrite_output_dir: bool = flag(False, "allow reusing an output_dir that holds another run")
+    output_dir: str | None = flag(None, "run folder: metrics.json, report.txt, predictions, model/ (default: a new "
+                                  "runs/<task>-<YYYYmmdd-HHMMSS> per run, runs/latest pointing at the newest)")
+    overwrite_output_dir: bool = flag(False, "allow reusing an --output_dir that holds another run")
     early_stopping_patience: int | None = flag(None, "stop after N epochs without a better validation score")
     calibration_objective: str = flag("confidence", "what the temperature fitted on validation at the end "
                                       "minimises: the log loss of the confidences that calibration is judged on "
@@ -103,6 +104,8 @@ class TrainConfig:
     torch_compile: bool = flag(False, "torch.compile the model (slow start, can help long GPU runs)")
     logging_steps: int = flag(50, "print the training loss every N optimiser steps")
     debug: bool = flag(False, "show full tracebacks on errors")
+    verbose: bool = flag(False, "print the detail: transformers' load report, the learning-rate table (always in "
+                         "report.txt), scoring libraries' warnings (else counted in the report)")
     config: str | None = flag(None, "YAML or JSON file with any of these keys (command-line flags override it)")
 
     def problems(self) -> list[str]:

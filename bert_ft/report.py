@@ -65,6 +65,28 @@ def tick_labels(names: list[str]) -> tuple[list[str], list[str], list[str]]:
     return families, labels, [name for name, ok in zip(names, drawable) if not ok]
 
 
+def curves_figure(history: list[dict], metric: str):
+    """The training-curves figure: train loss and validation metric per epoch, ticks on whole epochs only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    figure, loss_axis = plt.subplots(figsize=(6, 4))
+    epochs = [record["epoch"] for record in history]
+    loss_axis.plot(epochs, [record["train_loss"] for record in history], "o-", color="tab:blue", label="train loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs: no 1.25, 1.5 ticks
+    loss_axis.set_ylabel("train loss", color="tab:blue")
+    if any(f"eval_{metric}" in record for record in history):
+        metric_axis = loss_axis.twinx()
+        metric_axis.plot(epochs, [record.get(f"eval_{metric}") for record in history], "s-", color="tab:orange")
+        metric_axis.set_ylabel(f"validation {metric}", color="tab:orange")
+    loss_axis.set_title("training curves")
+    return figure
+
+
 def write_plots(output_dir: str, history: list[dict], metric: str,
                 confusion: tuple[list[str], list[list[int]]] | None) -> None:
     """training_curves.png (train loss and validation metric per epoch) and confusion_matrix.png."""
@@ -73,16 +95,7 @@ def write_plots(output_dir: str, history: list[dict], metric: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, loss_axis = plt.subplots(figsize=(6, 4))
-    epochs = [record["epoch"] for record in history]
-    loss_axis.plot(epochs, [record["train_loss"] for record in history], "o-", color="tab:blue", label="train loss")
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_ylabel("train loss", color="tab:blue")
-    if any(f"eval_{metric}" in record for record in history):
-        metric_axis = loss_axis.twinx()
-        metric_axis.plot(epochs, [record.get(f"eval_{metric}") for record in history], "s-", color="tab:orange")
-        metric_axis.set_ylabel(f"validation {metric}", color="tab:orange")
-    loss_axis.set_title("training curves")
+    figure = curves_figure(history, metric)
     _save(figure, os.path.join(output_dir, "training_curves.png"))
     plt.close(figure)
 

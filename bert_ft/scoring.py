@@ -166,7 +166,9 @@ def final_scoring(task: Task, config: TrainConfig, data: Data, training: Trainin
         if test_evaluation is not None:
             task.write_predictions(os.path.join(config.output_dir, task.predictions_file), data.splits.test,
                                    test_evaluation.predictions)
-        atomic_write_text(os.path.join(config.output_dir, "report.txt"), "\n\n".join(report_sections) + "\n")
+        lr_section = f"== learning-rate groups ==\n{training.lr_table}"  # in the file only: the screen had one line
+        atomic_write_text(os.path.join(config.output_dir, "report.txt"),
+                          "\n\n".join(report_sections + [lr_section]) + "\n")
         atomic_write_json(os.path.join(config.output_dir, "metrics.json"), metrics)
         write_plots(config.output_dir, state.history, task.metric,
                     test_evaluation.confusion if test_evaluation else None)

@@ -306,12 +306,25 @@ class ClassificationTask(Task):
     CONFIDENCE_NOTE: ClassVar[str] = "the predicted class's probability; correct = the gold class"
 
     def write_predictions(self, path: str, examples: list[Any], predictions: list[str]) -> None:
-        atomic_write_lines(path, [json.dumps({"id": example.id, "gold": getattr(example, self.label_attribute),
-                                              "pred": prediction}, ensure_ascii=False)
+        typed = label_typer(sorted({getattr(example, self.label_attribute) for example in examples}
+                                   | set(predictions)))
+        atomic_write_lines(path, [json.dumps({"id": example.id, "gold": typed(getattr(example, self.label_attribute)),
+                                              "pred": typed(prediction)}, ensure_ascii=False)
                                   for example, prediction in zip(examples, predictions)])
 
     def probabilities(self, output: dict, labels: list[str]) -> dict[str, float]:
         return {label: round(float(value), 6) for label, value in zip(labels, output["probs"])}
+
+
+_INTEGER = re.compile(r"^-?(0|[1-9][0-9]*)$")
+
+
+def label_typer(labels: Sequence[str]):
+    """label -> what outputs show: integers where every label is one written as such ("1".."5" star ratings, read
+    as text from a CSV, come back as 1..5), else the label string unchanged. Labels are strings inside bert-ft."""
+    if labels and all(isinstance(label, str) and _INTEGER.match(label) for label in labels):
+        return int
+    return lambda label: label
 
 
 def sample_path(module_file: str, name: str) -> str:

@@ -32,6 +32,7 @@ from .errors import TrainingDiverged, UsageError
 from .io import atomic_write_json
 from .model_folder import save_model
 from .optim import unfreeze_all
+from .run_folder import check_input_files, choose_output_dir, point_latest, same_on_every_process
 from .scoring import evaluate_split, final_scoring
 from .task import Task
 from .training_setup import Training, build_training, make_accelerator, precision_name
@@ -39,8 +40,11 @@ from .training_setup import Training, build_training, make_accelerator, precisio
 
 def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict:
     """Train, pick the best epoch on validation, score test, write the run folder; returns metrics.json."""
+    check_input_files(config)  # a misspelled --train_file is named before anything about the output folder
+    default_folder = choose_output_dir(config, task.name)
     check_output_dir_path(config.output_dir)
     accelerator = make_accelerator(config)
+    config.output_dir = same_on_every_process(accelerator, config.output_dir)
     log = accelerator.print
     if accelerator.num_processes > 1 and config.unfreeze_at_epoch:
         raise UsageError("--unfreeze_at_epoch: not supported with several processes (DDP fixes the trainable "
@@ -57,6 +61,8 @@ def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict
     precision = precision_name(accelerator)
     if accelerator.is_main_process:
         os.makedirs(config.output_dir, exist_ok=True)
+        if default_folder:
+            point_latest(config.output_dir, log)
         atomic_write_json(os.path.join(config.output_dir, "config.json"),
                           {"task": task.name, **to_dict(config), **to_dict(task.options),
                            "max_seq_length": data.max_seq_length, "precision": precision,

@@ -23,7 +23,7 @@ from .encoder import resolve_model_path, transfer_encoder
 from .errors import UsageError
 from .inference import eval_loader
 from .losses import format_weights, label_counts, resolve_class_weights
-from .optim import build_optimizer, format_groups, parameter_groups, set_frozen
+from .optim import build_optimizer, format_groups, parameter_groups, set_frozen, summarize_groups
 from .task import Features, Task
 
 
@@ -120,6 +120,7 @@ class Training:
     packing: str  # "on", or why it is off
     epochs: int  # epochs to run: --num_train_epochs, or as many as --max_steps needs
     class_weights: dict | None = None  # {label: weight} the loss uses (--class_weights), None: unweighted
+    lr_table: str = ""  # the learning-rate groups (format_groups), for report.txt
 
 
 def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Accelerator, log) -> Training:
@@ -132,7 +133,7 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
     set_frozen(model, config.freeze_encoder, config.freeze_layers)
     groups = parameter_groups(model, config.learning_rate, config.head_learning_rate, config.layer_lr_decay,
                               config.weight_decay)
-    log(format_groups(groups))
+    log(format_groups(groups) if config.verbose else summarize_groups(groups))
     optimizer = build_optimizer(groups, config.weight_decay)
 
     pad_values = task.pad_values(data.tokenizer)
@@ -174,7 +175,7 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
                                 config.adv_steps, config.adv_alpha,
                                 params=[param for param in network.parameters() if param.requires_grad])
     return Training(accelerator, model_, network, optimizer, scheduler, train_loader, eval_loaders, collator,
-                    sampler, adversary, packing, epochs, class_weights)
+                    sampler, adversary, packing, epochs, class_weights, format_groups(groups))
 
 
 def set_training_loss(model: torch.nn.Module, task: Task, config: TrainConfig, data: Data, log) -> dict | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -25,7 +24,9 @@ from bert_ft.heads import Head, encoder_inputs, example_tokens
 from bert_ft.io import atomic_write_lines
 from bert_ft.losses import sequence_weights, weighted_mean
 from bert_ft.metrics import format_table
+from bert_ft.spans import SpanError, SpanProblem, SpanTally, split_words, tag_spans
 from bert_ft.task import Evaluation, Features, Task, sample_path
+from bert_ft.verbosity import counted_warnings
 SCHEMES = ("auto", "iob1", "iob2", "iobes")
 FOCAL_WITH_CRF = ("--loss focal: not defined with --crf (the CRF's loss is the likelihood of the whole tag "
                   "sequence, not a probability per word to focus on); use --loss cross_entropy with --crf "
@@ -38,6 +39,8 @@ class NerOptions:
     doc_stride: int = flag(32, "sub-word overlap of windows over long sentences (at most half a window)")
     tag_scheme: str = flag("auto", "tag scheme of the input files (auto-detected by default)", choices=SCHEMES)
     strict_tags: bool = flag(False, "refuse IOB2 files with I-X after O (default: repair them with a warning)")
+    strict_spans: bool = flag(False, "refuse span records whose spans cut a word (default: widen them to whole "
+                              "words with a counted warning)")
     context_size: int = flag(0, "document context (FLERT): up to N sub-words of the neighbouring sentences of the "
                              "same document on each side, unlabelled, within --max_seq_length (0 = off)")
 
@@ -58,7 +61,7 @@ class NerExample:
     tags: list[str]  # IOB2
     path: str  # the file, for messages
     line: int  # line of the sentence's first word (CoNLL) or of the JSON record
-    text: str | None = None  # raw text (span-annotated input), words are then characters/tokens of it
+    text: str | None = None  # raw text (span-annotated input); words are then its `split_words`
     offsets: list[tuple[int, int]] | None = None  # character [start, end) of each word in `text`
     # Document context (--context_size): the document's ordinal in its file (None: no document, so no context) and
     # the words of the neighbouring sentences of that document nearest to this one, at most context_size per side
@@ -66,6 +69,9 @@ class NerExample:
     document: int | None = None
     left_context: list[str] = field(default_factory=list)
     right_context: list[str] = field(default_factory=list)
+    # Span input: each span that was repaired to fit one layer of word tags ("snapped: ...", "overlap: ..."), for
+    # --check_data (`NerTask.data_notes`).
+    span_notes: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------- tag schemes
@@ -142,15 +148,50 @@ def read_conll(path: str, lines: Iterable[str]) -> Iterator[tuple[list[str], lis
         yield words, tags, first_line, document
 
 
-def _spans_to_tags(path: str, number: int, record: dict) -> tuple[list[str], list[str], list[tuple[int, int]], list[str]]:
-    """CLUENER2020 record -> one word per character with IOB2 tags (span ends are inclusive).
+_SPAN_LAYOUTS = ('use {"tokens", "tags"}; {"text", "entities": [{"start", "end", "label"}]} (character offsets, end '
+                 'exclusive); or CLUENER {"text", "label": {type: {mention: [[start, end]]}}} (end inclusive); '
+                 "unlabelled text goes to `run_task.py predict`")
+_ENTITIES_FIX = ('write {"text": "...", "entities": [{"start": 0, "end": 5, "label": "PER"}, ...]}: 0-based '
+                 "character offsets, end exclusive (text[start:end] is the entity)")
 
-    BIO cannot hold nested entities: the outer (longer) span is kept and each nested one is returned in the last
-    element (for a counted warning) instead of being dropped silently.
-    """
+
+def _is_offset(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def entity_list_spans(record: dict, path: str, number: int) -> list[tuple[int, int, str]]:
+    """The (start, end exclusive, label) spans of the `entities` layout: a list of objects with integer
+    "start"/"end" and a "label" (or "type"); an optional "text" must equal text[start:end]; other keys (an "id")
+    are left for the readers that use them."""
+    text, entities = record["text"], record["entities"]
+    if not isinstance(text, str):
+        raise DataError(path, number, f"'text' must be a string, got {json.dumps(text)[:80]}", _ENTITIES_FIX)
+    if not isinstance(entities, list):
+        raise DataError(path, number, f"'entities' must be a list, got {json.dumps(entities)[:80]}", _ENTITIES_FIX)
+    spans = []
+    for position, entity in enumerate(entities, start=1):
+        label = entity.get("label", entity.get("type")) if isinstance(entity, dict) else None
+        if not (isinstance(entity, dict) and _is_offset(entity.get("start")) and _is_offset(entity.get("end"))
+                and isinstance(label, str) and label.strip()):
+            raise DataError(path, number, f"entity {position} {json.dumps(entity)[:80]} is not "
+                            '{"start": int, "end": int, "label": "TYPE"} ("type" may replace "label")', _ENTITIES_FIX)
+        start, end = entity["start"], entity["end"]
+        if not 0 <= start < end <= len(text):
+            raise DataError(path, number, f"entity {position} [{start}, {end}) lies outside the text "
+                            f"({len(text)} characters) or is empty", _ENTITIES_FIX)
+        if "text" in entity and entity["text"] != text[start:end]:
+            raise DataError(path, number, f"entity {position} [{start}, {end}) covers {text[start:end]!r}, not its "
+                            f"\"text\" {entity['text']!r}", _ENTITIES_FIX)
+        spans.append((start, end, label.strip()))
+    return spans
+
+
+def cluener_spans(record: dict, path: str, number: int) -> list[tuple[int, int, str]]:
+    """The spans of a CLUENER2020 record, as (start, end exclusive, type): CLUENER's own ends are inclusive."""
     text = record["text"]
     if not isinstance(text, str) or not isinstance(record["label"], dict):
-        raise DataError(path, number, "'text' must be a string and 'label' an object {type: {mention: [[s, e]]}}")
+        raise DataError(path, number, "'text' must be a string and 'label' an object {type: {mention: [[s, e]]}}",
+                        _SPAN_LAYOUTS)
     spans = []
     for entity_type, mentions in record["label"].items():
         if not entity_type.strip() or not isinstance(mentions, dict):
@@ -162,8 +203,7 @@ def _spans_to_tags(path: str, number: int, record: dict) -> tuple[list[str], lis
                 raise DataError(path, number, f"the spans of {mention!r} are {json.dumps(mention_spans)[:80]}, "
                                 "not a list of [start, end]", 'write {"mention": [[start, end], ...]}')
             for span in mention_spans:
-                if not (isinstance(span, list) and len(span) == 2
-                        and all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
+                if not (isinstance(span, list) and len(span) == 2 and all(_is_offset(value) for value in span)):
                     raise DataError(path, number, f"span {span!r} of {mention!r} is not [start, end]",
                                     "two integers: 0-based character offsets with an inclusive end")
                 start, end = span
@@ -173,15 +213,31 @@ def _spans_to_tags(path: str, number: int, record: dict) -> tuple[list[str], lis
                 if text[start:end + 1] != mention:
                     raise DataError(path, number, f"span [{start}, {end}] covers {text[start:end + 1]!r}, "
                                     f"not the mention {mention!r}", "CLUENER spans are 0-based with inclusive ends")
-                spans.append((start, end, entity_type, mention))
-    tags, dropped = ["O"] * len(text), []
-    for start, end, entity_type, mention in sorted(spans, key=lambda span: (span[0] - span[1], span[0])):
-        if any(tag != "O" for tag in tags[start:end + 1]):
-            dropped.append(f"{path}:{number} {entity_type} {mention!r} [{start}, {end}]")
-            continue
-        tags[start] = "B-" + entity_type
-        tags[start + 1:end + 1] = ["I-" + entity_type] * (end - start)
-    return list(text), tags, [(index, index + 1) for index in range(len(text))], dropped
+                spans.append((start, end + 1, entity_type))
+    return spans
+
+
+def span_example(record: dict, path: str, number: int, document: int | None, strict_spans: bool
+                 ) -> tuple[NerExample, list[SpanProblem]]:
+    """A span-annotated record (the `entities` list or CLUENER's `label` map) -> words of its text (split_words)
+    with IOB2 tags (`bert_ft.spans.tag_spans`); the problems that were repaired are kept in `span_notes`."""
+    spans = entity_list_spans(record, path, number) if "entities" in record else cluener_spans(record, path, number)
+    try:
+        tagged = tag_spans(record["text"], spans)
+    except SpanError as error:
+        raise DataError(path, number, str(error), _ENTITIES_FIX if "entities" in record else
+                        "CLUENER spans are 0-based with inclusive ends") from None
+    if strict_spans:
+        for problem in tagged.problems:
+            if problem.kind == "snapped":
+                raise DataError(path, number, f"span {problem.label} {problem.text!r} [{problem.start}, "
+                                f"{problem.end}) cuts a word (--strict_spans): its whole words are {problem.words!r}",
+                                "move the span's ends to word boundaries (words as `run_task.py predict` splits "
+                                "them: whitespace, each punctuation mark and each CJK character), or drop "
+                                "--strict_spans to widen such spans to whole words with a counted warning")
+    notes = [f"{problem.kind}: {problem.describe()}" for problem in tagged.problems]
+    return NerExample(tagged.words, tagged.tags, path, number, record["text"], tagged.offsets, document,
+                      span_notes=notes), tagged.problems
 
 
 ONE_DOCUMENT = object()  # the doc_id of predict inputs that --input_is_document puts in one document
@@ -212,10 +268,13 @@ def _doc_id(record: dict, path: str, number: int) -> str | int | None:
     return doc_id
 
 
-def read_jsonl(path: str, lines: Iterable[str], warn: bool = True) -> Iterator[NerExample]:
-    """NerExamples from JSON Lines, streamed; nested CLUENER entities are counted and warned about at the end.
+def read_jsonl(path: str, lines: Iterable[str], warn: bool = True, strict_spans: bool = False
+               ) -> Iterator[NerExample]:
+    """NerExamples from JSON Lines, streamed: {"tokens", "tags"} records, or span records ({"text", "entities"}
+    with end-exclusive offsets, CLUENER's {"text", "label"} with inclusive ones) whose text is split into words as
+    predict splits it; spans that had to be repaired are counted and warned about at the end (`SpanTally`).
     A `doc_id` groups consecutive records into a document (see DocumentGrouper)."""
-    nested_count, nested_first, documents = 0, None, DocumentGrouper()
+    tally, documents = SpanTally(), DocumentGrouper()
     for number, record in read_jsonl_records(path, lines):
         document = documents(_doc_id(record, path, number))
         if "tokens" in record:
@@ -230,18 +289,15 @@ def read_jsonl(path: str, lines: Iterable[str], warn: bool = True) -> Iterator[N
                 _split_tag(str(tag), path, number)
             yield NerExample([str(word) for word in record["tokens"]], [str(tag) for tag in tags], path, number,
                              document=document)
-        elif "text" in record and "label" in record:
-            words, tags, offsets, dropped = _spans_to_tags(path, number, record)
-            yield NerExample(words, tags, path, number, record["text"], offsets, document)
-            nested_count += len(dropped)
-            nested_first = nested_first or (dropped[0] if dropped else None)
+        elif "text" in record and ("entities" in record or "label" in record):
+            example, problems = span_example(record, path, number, document, strict_spans)
+            tally.add(f"line {number}", problems)
+            yield example
         else:
-            raise DataError(path, number, f"unknown record with keys {sorted(record)}",
-                            'use {"tokens", "tags"} or CLUENER {"text", "label"}; unlabelled text goes to '
-                            "`run_task.py predict`")
-    if nested_count and warn:
-        print(f"warning: {path}: {nested_count} entities nested inside another were not tagged (BIO holds one "
-              f"layer; the outer span is kept), e.g. {nested_first}")
+            raise DataError(path, number, f"unknown record with keys {sorted(record)}", _SPAN_LAYOUTS)
+    if warn:
+        for line in tally.warnings(path):
+            print(line)
 
 
 def with_document_context(examples: Iterable[NerExample], context_size: int) -> Iterator[NerExample]:
@@ -276,39 +332,6 @@ def _fill_context(document: list[NerExample], context_size: int) -> list[NerExam
             after += 1
         example.left_context, example.right_context = left, right
     return document
-
-
-# ---------------------------------------------------------------------------------------------- word split
-
-def _is_punctuation(char: str) -> bool:
-    """BERT's BasicTokenizer rule: ASCII symbols and Unicode P* are punctuation."""
-    code = ord(char)
-    if 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126:
-        return True
-    return unicodedata.category(char).startswith("P")
-
-
-def _is_cjk(char: str) -> bool:
-    code = ord(char)
-    return (0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF or 0x20000 <= code <= 0x2A6DF
-            or 0xF900 <= code <= 0xFAFF or 0x2F800 <= code <= 0x2FA1F)
-
-
-def split_words(text: str) -> list[tuple[str, int, int]]:
-    """Words with character offsets, split like BERT's BasicTokenizer (so `pipeline(..., "first")` agrees):
-    whitespace separates, each punctuation mark and each CJK character is a word of its own."""
-    words, start = [], None
-    for index, char in enumerate(text + " "):
-        single = _is_punctuation(char) or _is_cjk(char)
-        if char.isspace() or single:
-            if start is not None:
-                words.append((text[start:index], start, index))
-                start = None
-            if single:
-                words.append((char, index, index + 1))
-        elif start is None:
-            start = index
-    return words
 
 
 # ------------------------------------------------------------------------------------------------ the task
@@ -492,7 +515,8 @@ class TokenTagger(Head):
 
 class NerTask(Task):
     name = "ner"
-    description = "named-entity recognition (CoNLL, JSONL tokens/tags, CLUENER spans); seqeval scores"
+    description = ("named-entity recognition (CoNLL, JSONL tokens/tags, JSONL character spans: entities lists or "
+                   "CLUENER); seqeval scores")
     options_type = NerOptions
     metric = "f1"
     predictions_file = "test_predictions.txt"
@@ -522,7 +546,7 @@ class NerTask(Task):
                 for words, tags, line, document in read_conll(path, iter_text_lines(path)):
                     yield NerExample(words, tags, path, line, document=document)
             else:
-                yield from read_jsonl(path, iter_text_lines(path), warn)
+                yield from read_jsonl(path, iter_text_lines(path), warn, self.options.strict_spans)
 
         scheme = self.options.tag_scheme
         if scheme == "auto":
@@ -575,6 +599,18 @@ class NerTask(Task):
             empty.update(word for position, word in enumerate(example.words) if position not in present)
         lines = [f"words that tokenise to nothing (scored as [UNK]): {sum(empty.values())}"
                  + (f", e.g. {[word for word, _ in empty.most_common(5)]}" if empty else "")]
+        notes = [note for example in examples for note in example.span_notes]
+        if any(example.text is not None for example in examples):
+            kinds = Counter(note.split(":", 1)[0] for note in notes)
+            lines.append(f"span records: words split as predict splits raw text; {kinds['snapped']} spans cut a "
+                         f"word and were widened to whole words (--strict_spans refuses them), {kinds['overlap']} "
+                         "overlapped a longer span and were left out")
+            shown = 0
+            for example in examples:
+                for note in example.span_notes:
+                    if shown < 5:
+                        lines.append(f"  line {example.line}: {note}")
+                    shown += 1
         if self.options.context_size:
             in_documents = sum(example.document is not None for example in examples)
             lines.append(f"document context (--context_size {self.options.context_size}): {in_documents} of "
@@ -704,15 +740,18 @@ class NerTask(Task):
         gold = [example.tags for example in examples]
         predicted = [[tag for tag, _ in sentence] for sentence in words]
         confidences = self.confidences(examples, features, outputs, labels, words)
-        metrics = {
-            "f1": f1_score(gold, predicted), "precision": precision_score(gold, predicted),
-            "recall": recall_score(gold, predicted),
-            "strict_f1": f1_score(gold, predicted, mode="strict", scheme=IOB2),
-            "strict_precision": precision_score(gold, predicted, mode="strict", scheme=IOB2),
-            "strict_recall": recall_score(gold, predicted, mode="strict", scheme=IOB2),
-        }
-        default = classification_report(gold, predicted, output_dict=True, zero_division=0)
-        strict = classification_report(gold, predicted, output_dict=True, mode="strict", scheme=IOB2, zero_division=0)
+        # seqeval warns where a type has no predicted (or no gold) entity: its score is then 0, said once below.
+        with counted_warnings("UndefinedMetricWarning") as undefined:
+            metrics = {  # plain floats (seqeval gives numpy ones)
+                "f1": float(f1_score(gold, predicted)), "precision": float(precision_score(gold, predicted)),
+                "recall": float(recall_score(gold, predicted)),
+                "strict_f1": float(f1_score(gold, predicted, mode="strict", scheme=IOB2)),
+                "strict_precision": float(precision_score(gold, predicted, mode="strict", scheme=IOB2)),
+                "strict_recall": float(recall_score(gold, predicted, mode="strict", scheme=IOB2)),
+            }
+            default = classification_report(gold, predicted, output_dict=True, zero_division=0)
+            strict = classification_report(gold, predicted, output_dict=True, mode="strict", scheme=IOB2,
+                                           zero_division=0)
         rows = []
         for name in default:
             strict_row = strict.get(name, {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
@@ -721,6 +760,9 @@ class NerTask(Task):
                          int(default[name]["support"])])
         report = ("seqeval, entity level: default (conlleval) mode | strict IOB2 mode\n"
                   + format_table(rows, ["type", "P", "R", "F1", "strict P", "strict R", "strict F1", "support"]))
+        if undefined:
+            report += (f"\nseqeval warnings (UndefinedMetricWarning): {len(undefined)}, counted here, not printed: "
+                       "a score with no predicted or no gold entity is set to 0 (--verbose prints them)")
         return Evaluation(metrics, report, predicted, entity_confusion(gold, predicted), confidences,
                           "each predicted entity's probability; correct = exact span and type")
 

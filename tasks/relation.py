@@ -3,8 +3,12 @@
 The two entities are marked in the text with `<e1>…</e1>` (the head) and `<e2>…</e2>` (the tail). The markers are
 added to the tokenizer as special tokens (never split; kept by save_pretrained), so each is one token whose position
 the entity-pair head reads (`e1_start`, `e2_start`, `e1_end`, `e2_end`). Sentences longer than --max_seq_length keep a
-window around the two entities instead of losing a marker. The score is the official SemEval-2010 Task 8 macro-F1
-(directed, Other excluded, averaged over the relation types present in gold).
+window around the two entities instead of losing a marker.
+
+Scoring: on SemEval-2010 Task 8's labels, its official macro-F1 (directed, Other excluded, averaged over the relation
+types present in gold). On any other label set, the macro-F1 over the user's relation types, the negative label
+(--negative_label: Other, no_relation, NA or none found in the training labels, or given) excluded, with the micro-F1
+and the per-type scores beside it (`bert_ft.metrics.relation_f1`).
 """
 
 from __future__ import annotations
@@ -22,13 +26,18 @@ from bert_ft.config import flag
 from bert_ft.data import check_text_file, iter_text_lines, looks_like_jsonl, read_jsonl_records, special_tokens_around
 from bert_ft.errors import DataError, UsageError
 from bert_ft.heads import ClassifierHead, encoder_inputs, example_positions, example_tokens
-from bert_ft.metrics import confusion_matrix, format_confusion, format_table, relation_type, semeval_official_score
-from bert_ft.task import ClassificationTask, Features, sample_path
+from bert_ft.metrics import (confusion_matrix, format_confusion, format_table, relation_f1, relation_type,
+                            semeval_official_score)
+from bert_ft.task import ClassificationTask, Features, label_typer, sample_path
 
 POOLINGS = ("entity_start", "entity_mean", "cls")
 MARKERS = ("<e1>", "</e1>", "<e2>", "</e2>")
 MARKER_PATTERN = re.compile(r"</?e[12]>")
 OTHER = "Other"
+NEGATIVE_LABELS = (OTHER, "no_relation", "NA", "none")  # what --negative_label auto looks for
+SEMEVAL_TYPES = ("Cause-Effect", "Component-Whole", "Content-Container", "Entity-Destination", "Entity-Origin",
+                 "Instrument-Agency", "Member-Collection", "Message-Topic", "Product-Producer")
+SEMEVAL_LABELS = frozenset([OTHER] + [f"{name}({order})" for name in SEMEVAL_TYPES for order in ("e1,e2", "e2,e1")])
 _DIRECTED = re.compile(r"^(.+)\((e1,e2|e2,e1)\)$")
 _FORMAT_FIX = ('SemEval format: 4 lines per record: ID<TAB>"sentence with <e1>..</e1> and <e2>..</e2>", the label '
                "(e.g. Cause-Effect(e2,e1) or Other), 'Comment:' (optional), a blank line")
@@ -41,6 +50,32 @@ class RelationOptions:
     pooling: str = flag("entity_start", "entity-pair representation: hidden states at <e1> and <e2> "
                         "(entity_start), [CLS] + mean of each entity (entity_mean), or [CLS] alone (cls)",
                         choices=POOLINGS)
+    negative_label: str = flag("auto", "the label meaning 'no relation', left out of the scores: auto = whichever of "
+                               f"{', '.join(NEGATIVE_LABELS)} the training labels hold; none = every label is a "
+                               "relation; or a training label")
+
+
+def resolve_negative_label(option: str, labels: list[str] | set[str]) -> str | None:
+    """The negative label that --negative_label `option` means for these training labels (None: no negative
+    class). Raises UsageError where auto finds two candidates or a given label is not among the labels."""
+    if option == "auto":
+        found = [label for label in NEGATIVE_LABELS if label in labels]
+        if len(found) > 1:
+            raise UsageError(f"--negative_label auto: the training labels hold both {found[0]!r} and {found[1]!r}; "
+                             f"say which one means 'no relation': --negative_label {found[0]} (or none: every "
+                             "label is a relation)")
+        return found[0] if found else None
+    if option == "none":
+        return None
+    if option not in labels:
+        raise UsageError(f"--negative_label {option}: not a training label (labels: {', '.join(sorted(labels))}); "
+                         "give one of them, auto or none")
+    return option
+
+
+def is_semeval(labels: list[str] | set[str], negative: str | None) -> bool:
+    """Whether the labels are SemEval-2010 Task 8's (so its official scorer and headline apply)."""
+    return negative == OTHER and set(labels) <= SEMEVAL_LABELS
 
 
 @dataclass
@@ -358,7 +393,7 @@ def _short_names(labels: list[str]) -> list[str]:
 class RelationTask(ClassificationTask):
     name = "relation"
     description = ("relation classification between <e1>/<e2>-marked entities (SemEval-2010 Task 8 format or JSONL "
-                   "spans); official SemEval macro-F1")
+                   "spans); official SemEval macro-F1 on SemEval labels, else macro-F1 without the negative label")
     options_type = RelationOptions
     metric = "macro_f1"
     predictions_file = "test_predictions.jsonl"
@@ -397,14 +432,16 @@ class RelationTask(ClassificationTask):
         return examples
 
     def build_labels(self, train_examples: list[RelationExample], declared: list[str] | None = None) -> list[str]:
-        """Sorted labels, Other last. A directed label brings its mirror (X(e1,e2) -> X(e2,e1)): a small training
-        slice may lack a rare direction (Entity-Destination(e2,e1) occurs once in SemEval train)."""
+        """Sorted labels, the negative label (--negative_label) last. A directed label brings its mirror (X(e1,e2)
+        -> X(e2,e1)): a small training slice may lack a rare direction (Entity-Destination(e2,e1) occurs once in
+        SemEval train)."""
         labels = {example.label for example in train_examples}
+        negative = resolve_negative_label(self.options.negative_label, labels)
         for label in list(labels):
             match = _DIRECTED.match(label)
             if match:
                 labels.add(f"{match.group(1)}({'e2,e1' if match.group(2) == 'e1,e2' else 'e1,e2'})")
-        return sorted(labels, key=lambda label: (label == OTHER, label))
+        return sorted(labels, key=lambda label: (label == negative, label))
 
     def prepare_tokenizer(self, tokenizer) -> None:
         """The four markers become special tokens: never split, never lower-cased, saved with the tokenizer."""
@@ -419,7 +456,16 @@ class RelationTask(ClassificationTask):
 
     def data_notes(self, split, examples, features, tokenizer) -> list[str]:
         kinds = Counter(features.meta)
-        return [f"sentences over --max_seq_length: {sum(count for kind, count in kinds.items() if kind != 'full')}"]\
+        notes = []
+        if split == "train":
+            labels = {example.label for example in examples}
+            negative = resolve_negative_label(self.options.negative_label, labels)
+            scored = ("the official SemEval-2010 Task 8 macro-F1" if is_semeval(labels, negative) else
+                      f"macro-F1 over the {len(labels - {negative})} other labels")
+            notes.append(f"negative label (--negative_label {self.options.negative_label}): "
+                         f"{negative if negative else 'none, every label is a relation'}; scored by {scored}")
+        return notes + [f"sentences over --max_seq_length: "
+                        f"{sum(count for kind, count in kinds.items() if kind != 'full')}"] \
             + [f"  {kinds[kind]:>5}  {text}" for kind, text in LONG_KINDS.items()]
 
     # ---------------------------------------------------------------------------------------- features
@@ -468,31 +514,50 @@ class RelationTask(ClassificationTask):
 
     # ---------------------------------------------------------------------------------------- scoring
     def score_labels(self, gold, predicted, labels, source, features) -> tuple[dict, str]:
-        score = semeval_official_score(gold, predicted, OTHER)
+        negative = resolve_negative_label(self.options.negative_label, labels)
+        official = is_semeval(labels, negative)
+        directed = any(_DIRECTED.match(label) for label in labels)
+        score = semeval_official_score(gold, predicted, OTHER) if official else relation_f1(gold, predicted, negative)
         metrics = {"macro_f1": score["macro_f1"], "accuracy": score["accuracy"], "micro_f1": score["micro_f1"],
                    "micro_precision": score["micro_precision"], "micro_recall": score["micro_recall"]}
-        wrong_direction = Counter(relation_type(g) for g, p in zip(gold, predicted)
-                                  if g != p and relation_type(g) == relation_type(p) and g != OTHER)
-        rows = [[name, values["precision"], values["recall"], values["f1"], values["support"], wrong_direction[name]]
+        types = len(score["per_type"])
+        excluded = f"{negative} excluded" if negative else "no negative label"
+        if official:
+            headline = (f"official SemEval-2010 Task 8 score ((9+1)-way, directionality taken into account, "
+                        f"macro-averaged over the {types} relation types in gold, {OTHER} excluded): macro-F1 = "
+                        f"{score['macro_f1']:.4f}")
+        else:
+            headline = (f"relation score: macro-F1 over the {types} relation types in gold or predicted "
+                        f"({excluded}{'; a hit needs the right direction' if directed else ''}) = "
+                        f"{score['macro_f1']:.4f}")
+        accuracy = f"accuracy (exact label{f', {negative} included' if negative else ''}) = {score['accuracy']:.4f}"
+        columns = ["relation", "P", "R", "F1", "support"]
+        rows = [[name, values["precision"], values["recall"], values["f1"], values["support"]]
                 for name, values in score["per_type"].items()]
         rows.append(["micro (types above)", score["micro_precision"], score["micro_recall"], score["micro_f1"],
-                     sum(values["support"] for values in score["per_type"].values()), sum(wrong_direction.values())])
+                     sum(values["support"] for values in score["per_type"].values())])
+        if directed:
+            wrong_direction = Counter(relation_type(g) for g, p in zip(gold, predicted)
+                                      if g != p and relation_type(g) == relation_type(p) and g != negative)
+            for row in rows[:-1]:
+                row.append(wrong_direction[row[0]])
+            rows[-1].append(sum(wrong_direction.values()))
+            columns.append("wrong dir")
         matrix = confusion_matrix(gold, predicted, labels)
-        short = _short_names(labels)
+        short = _short_names(labels) if official else list(labels)
         legend = ", ".join(f"{name} = {label}" for name, label in zip(short, labels) if name != label)
         kinds = Counter(features.meta)
         long_total = sum(count for kind, count in kinds.items() if kind != "full")
         long_lines = [f"long sentences (over the max_seq_length): {long_total} of {len(features)}"]
         long_lines += [f"  {kinds[kind]:>5}  {text}" for kind, text in LONG_KINDS.items()]
+        per_type_title = ("per relation type (a hit needs the right direction; 'wrong dir' = right type, wrong "
+                          "direction):" if directed else "per relation type:")
         report = "\n".join([
-            f"official SemEval-2010 Task 8 score ((9+1)-way, directionality taken into account, macro-averaged over "
-            f"the {len(score['per_type'])} relation types in gold, {OTHER} excluded): macro-F1 = "
-            f"{score['macro_f1']:.4f}",
-            f"accuracy (exact label, {OTHER} included) = {score['accuracy']:.4f}; micro-F1 ({OTHER} excluded) = "
-            f"{score['micro_f1']:.4f}",
+            headline,
+            f"{accuracy}; micro-F1 ({excluded}) = {score['micro_f1']:.4f}",
             "",
-            "per relation type (a hit needs the right direction; 'wrong dir' = right type, wrong direction):",
-            format_table(rows, ["relation", "P", "R", "F1", "support", "wrong dir"]),
+            per_type_title,
+            format_table(rows, columns),
             "",
             "confusion matrix (rows gold, columns predicted)" + (":" if not legend else ";"),
             *(textwrap.wrap(legend, 116, initial_indent="  ", subsequent_indent="  ") if legend else []),
@@ -517,10 +582,10 @@ class RelationTask(ClassificationTask):
 
     def results(self, examples, features, outputs, labels) -> list[dict]:
         """Per input {"text", "label", "probability", "probabilities": {label: p}} (+ its id/head/tail)."""
-        results = []
+        results, typed = [], label_typer(labels)
         for example, output in zip(examples, self.per_example(examples, features, outputs)):
             best = int(output["pred"])
-            result = {"text": example.raw["text"], "label": labels[best],
+            result = {"text": example.raw["text"], "label": typed(labels[best]),
                       "probability": round(float(output["probs"][best]), 6),
                       "probabilities": self.probabilities(output, labels)}
             result.update({key: example.raw[key] for key in ("id", "head", "tail") if key in example.raw})

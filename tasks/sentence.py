@@ -20,7 +20,7 @@ from bert_ft.heads import (ClassifierHead, check_batch, encoder_inputs, example_
                            is_packed, read_first_token_only, reads_first_token_only)
 from bert_ft.metrics import classification_report_dict, confusion_matrix, format_classification_report, \
     format_confusion
-from bert_ft.task import INTEGER, ClassificationTask, Features, sample_path
+from bert_ft.task import INTEGER, ClassificationTask, Features, label_typer, sample_path
 
 
 @dataclass
@@ -493,12 +493,12 @@ class SentenceTask(ClassificationTask):
 
     def results(self, examples, features, outputs, labels) -> list[dict]:
         """{"text", ("text_pair"), "label", "probabilities": {label: p}} per input."""
-        results = []
+        results, typed = [], label_typer(labels)
         for example, output in zip(examples, self.per_example(examples, features, outputs)):
             result = {"text": example.text}
             if example.text_pair is not None:
                 result["text_pair"] = example.text_pair
-            result["label"] = labels[int(output["pred"])]
+            result["label"] = typed(labels[int(output["pred"])])
             result["probabilities"] = self.probabilities(output, labels)
             results.append(result)
         return results

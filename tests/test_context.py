@@ -91,7 +91,7 @@ def test_jsonl_doc_id_groups_consecutive_records(tmp_path):
     examples = NerTask(NerOptions(context_size=4)).read(path)
     assert [e.document for e in examples] == [0, 0, 1, None, 2, 2]
     assert [(e.left_context, e.right_context) for e in examples] == [
-        ([], ["b"]), (["a"], []), ([], []), ([], []), ([], ["f", "g"]), (["e"], [])]
+        ([], ["b"]), (["a"], []), ([], []), ([], []), ([], ["fg"]), (["e"], [])]  # span text: split_words
 
 
 @pytest.mark.parametrize("doc_id", [1.5, True, ["a"], {"a": 1}])

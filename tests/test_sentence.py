@@ -447,7 +447,7 @@ def _fine_tune_twice(tmp_path, train: str, dev: str, dev_labels: list[str], majo
         with open(os.path.join(output_dir, "test_predictions.jsonl"), encoding="utf-8") as handle:
             rows = [json.loads(line) for line in handle]
         assert [row["id"] for row in rows] == [str(number) for number in range(1, 201)]
-        assert [row["gold"] for row in rows] == dev_labels
+        assert [row["gold"] for row in rows] == [int(label) for label in dev_labels]  # integer labels stay integers
         with open(os.path.join(output_dir, "report.txt"), encoding="utf-8") as handle:
             assert f"scored file: {dev}" in handle.read()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start

@@ -886,6 +886,7 @@ def write_tsv(path, rows):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.allow_abbrev = False  # a misspelled flag is an error, never a prefix match
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
