@@ -337,7 +337,7 @@ class TokenTagger(Head):
 
     def scores(self, batch: dict) -> torch.Tensor:
         """Token logits (rows, seq, num_labels): what an exported graph computes."""
-        return self.model(**encoder_inputs(batch)).logits
+        return self.model(**encoder_inputs(batch, self.model)).logits
 
     def decode_scores(self, scores: torch.Tensor, batch: dict, temperature: float | None = None) -> dict:
         return self._decode(scores.float(), batch["word_starts"], batch, temperature)
