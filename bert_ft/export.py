@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import model_length_limit
 from .config import flag
 from .errors import UsageError
 
@@ -125,7 +126,7 @@ def export_graph(head: nn.Module, batch: dict, path: str) -> list[str]:
         names = graph_inputs(head, batch)
         inputs = tuple(batch[name] for name in names)
         width = batch["input_ids"].size(1)
-        limit = getattr(head.config, "max_position_embeddings", None)
+        limit = model_length_limit(None, head.config)  # RoBERTa: max_position_embeddings - padding_idx - 1
         rows = torch.export.Dim("batch")
         sequence = torch.export.Dim("sequence", max=limit) if limit else torch.export.Dim("sequence")
         shapes = tuple({0: rows, 1: sequence} if tensor.dim() >= 2 and tensor.size(1) == width else {0: rows}

@@ -113,6 +113,50 @@ def encoder_call(model: nn.Module, inputs: dict) -> dict:
     return inputs
 
 
+# ------------------------------------------------------------------------------------------------ tokenizers
+
+def _byte_level_nodes(node: Any) -> list[dict]:
+    if isinstance(node, dict):
+        found = [node] if node.get("type") == "ByteLevel" and "add_prefix_space" in node else []
+        return found + [inner for value in node.values() for inner in _byte_level_nodes(value)]
+    if isinstance(node, list):
+        return [inner for value in node for inner in _byte_level_nodes(value)]
+    return []
+
+
+def prefix_space_for_words(tokenizer: Any) -> bool:
+    """Turn on `add_prefix_space` of a byte-level BPE tokenizer (RoBERTa, ModernBERT) in place; True if it changed.
+
+    Pre-split words are tokenised one by one: without a prefix space every word is read as if it continued the
+    previous one ("Berger" -> B, er, ger instead of ĠBerger). The flag goes into the backend's pre-tokenizer and
+    the tokenizer's saved settings, so a saved folder (and transformers.pipeline on it) reads text the same way:
+    each word, the first included, as following a space (what HF's run_ner.py does for RoBERTa)."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.pre_tokenizer is None:
+        return False
+    state = json.loads(backend.to_str())
+    nodes = [node for node in _byte_level_nodes(state.get("pre_tokenizer")) if not node["add_prefix_space"]]
+    if not nodes:
+        return False
+    from tokenizers import Tokenizer
+
+    for node in nodes:
+        node["add_prefix_space"] = True
+    backend.pre_tokenizer = Tokenizer.from_str(json.dumps(state)).pre_tokenizer
+    tokenizer.add_prefix_space = True
+    tokenizer.init_kwargs["add_prefix_space"] = True
+    return True
+
+
+def word_prefix_ids(tokenizer: Any) -> set[int]:
+    """Ids of a bare word-start piece ("▁" of SentencePiece, "Ġ" of byte-level BPE): the first piece of a word that
+    is not in the vocabulary with its prefix. A word's label goes on the real sub-word after it."""
+    vocab = tokenizer.get_vocab()
+    return {vocab[piece] for piece in ("▁", "Ġ") if piece in vocab}
+
+
 # ------------------------------------------------------------------------------------------ model building
 
 def model_class(auto_class: Any, config: Any) -> type | None:
