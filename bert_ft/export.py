@@ -436,7 +436,14 @@ def export(config: ExportConfig, tasks: dict, log=print) -> dict:
         start = time.perf_counter()
         graph = os.path.join(temp, GRAPH_FILE)
         fp32 = os.path.join(temp, "model.fp32.onnx") if quantized else graph
-        names = export_graph(head, batch, fp32)
+        try:
+            names = export_graph(head, batch, fp32)
+        except Exception as error:  # an operator or control flow torch.onnx cannot express for this family
+            family = getattr(head.config, "model_type", "this")
+            raise UsageError(f"the ONNX export of a {family} model failed in torch.onnx ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''}).\n  fix: serve the PyTorch "
+                             f"folder ({config.model_dir}) with `run_task.py predict` or transformers.pipeline, or "
+                             "try a newer torch / onnxscript") from None
         if quantized:
             quantize_int8(fp32, graph)
             os.remove(fp32)
