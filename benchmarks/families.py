@@ -60,7 +60,8 @@ def main() -> None:
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"), help="no = fp32")
     parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating sides")
-    parser.add_argument("--size", default="base", choices=("base", "tiny"))
+    parser.add_argument("--size", default="base", choices=("base", "small", "tiny"),
+                        help="base: 12 layers, hidden 768; small: 4 layers, hidden 256 (for a loaded machine)")
     parser.add_argument("--models_dir", help="keep the built models here (default: a temporary folder, removed)")
     parser.add_argument("--output", help="also write every run's numbers as JSON")
     args = parser.parse_args()

@@ -25,6 +25,7 @@ from typing import Callable
 FAMILIES = ("bert", "bert-cased", "roberta", "xlm-roberta", "deberta-v3", "electra", "distilbert", "albert",
             "modernbert")
 SIZES = {"tiny": {"hidden": 32, "layers": 2, "heads": 2, "intermediate": 64},
+         "small": {"hidden": 256, "layers": 4, "heads": 4, "intermediate": 1024},
          "base": {"hidden": 768, "layers": 12, "heads": 12, "intermediate": 3072}}
 VOCAB_SIZE = 2000  # trained vocabularies (BERT uncased keeps MiniLM's 30,522 WordPiece entries)
 MAX_POSITIONS = 512
