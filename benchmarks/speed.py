@@ -106,6 +106,9 @@ def run_recipe(args) -> dict:
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if args.task == "ner":
+        from bert_ft.families import prefix_space_for_words
+
+        prefix_space_for_words(tokenizer)  # run_ner.py's add_prefix_space for byte-level BPE (RoBERTa & co.)
         from seqeval.metrics import f1_score
 
         from bert_ft_tasks.ner import NerTask

@@ -47,7 +47,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         raise _unreachable(name_or_path, error) from None
     if not tokenizer.is_fast:
         raise UsageError(f"--model_name_or_path {name_or_path}: bert-ft needs a fast (Rust) tokenizer for word "
-                         "alignment; this model only has a slow one")
+                         f"alignment; this model ({type(tokenizer).__name__}) only has a slow one.\n  fix: convert "
+                         "it once (AutoTokenizer.from_pretrained(PATH, use_fast=True, from_slow=True) with "
+                         "sentencepiece installed, then save_pretrained into the model folder), or pick a model "
+                         "that ships a tokenizer.json")
     return tokenizer
 
 

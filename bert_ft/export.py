@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import model_length_limit
 from .config import flag
 from .data import Collator
 from .errors import UsageError
@@ -128,7 +129,7 @@ def export_graph(head: nn.Module, batch: dict, path: str) -> list[str]:
         names = graph_inputs(head, batch)
         inputs = tuple(batch[name] for name in names)
         width = batch["input_ids"].size(1)
-        limit = getattr(head.config, "max_position_embeddings", None)
+        limit = model_length_limit(None, head.config)  # RoBERTa: max_position_embeddings - padding_idx - 1
         rows = torch.export.Dim("batch")
         sequence = torch.export.Dim("sequence", max=limit) if limit else torch.export.Dim("sequence")
         shapes = tuple({0: rows, 1: sequence} if tensor.dim() >= 2 and tensor.size(1) == width else {0: rows}
@@ -210,7 +211,14 @@ def export(config: ExportConfig, log=print) -> dict:
         start = time.perf_counter()
         graph = os.path.join(temp, GRAPH_FILE)
         fp32 = os.path.join(temp, "model.fp32.onnx") if quantized else graph
-        names = export_graph(head, batch, fp32)
+        try:
+            names = export_graph(head, batch, fp32)
+        except Exception as error:  # an operator or control flow torch.onnx cannot express for this family
+            family = getattr(head.config, "model_type", "this")
+            raise UsageError(f"the ONNX export of a {family} model failed in torch.onnx ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''}).\n  fix: serve the PyTorch "
+                             f"folder ({config.model_dir}) with `run_task.py predict` or transformers.pipeline, or "
+                             "try a newer torch / onnxscript") from None
         if quantized:
             quantize_int8(fp32, graph)
             os.remove(fp32)

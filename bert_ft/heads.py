@@ -40,6 +40,7 @@ except ImportError:  # pragma: no cover - depends on the installed transformers
 
 from .encoder import load_config, load_pretrained
 from .errors import UsageError
+from .families import encoder_call, model_init_kwargs
 from .losses import LOSSES, classification_loss
 from .verbosity import main_print
 
@@ -52,9 +53,13 @@ def label_maps(labels: list[str]) -> dict:
             "label2id": {label: index for index, label in enumerate(labels)}}
 
 
-def encoder_inputs(batch: dict) -> dict:
-    """Only the keys a transformers encoder accepts (the batch also carries per-example task fields)."""
-    return {key: batch[key] for key in ENCODER_KEYS if key in batch}
+def encoder_inputs(batch: dict, model: nn.Module | None = None) -> dict:
+    """Only the keys a transformers encoder accepts (the batch also carries per-example task fields); given the
+    `model` they are fed to, in the form its family takes (`bert_ft.families.encoder_call`: token type ids only where
+    it has them, RoBERTa's offset positions, DeBERTa's 0/1 masks, ModernBERT's local-attention band), which packed
+    batches need on every family but BERT's."""
+    inputs = {key: batch[key] for key in ENCODER_KEYS if key in batch}
+    return inputs if model is None else encoder_call(model, inputs)
 
 
 def is_packed(batch: dict) -> bool:
@@ -135,7 +140,7 @@ class Head(nn.Module):
                trust_remote_code: bool = False, **options: Any) -> "Head":
         config = load_config(model_path, trust_remote_code, **label_maps(labels))
         model = load_pretrained(cls.auto_class, model_path, trust_remote_code, log=main_print, config=config,
-                                **cls.model_kwargs)
+                                **model_init_kwargs(cls.auto_class, config, cls.model_kwargs))
         if vocab_size is not None and vocab_size != model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(vocab_size)  # task tokens such as entity markers
         return cls(model, labels, **options)
@@ -163,7 +168,8 @@ class Head(nn.Module):
 
     @classmethod
     def load(cls, folder: str, meta: dict) -> "Head":
-        model = load_pretrained(cls.auto_class, folder, **cls.model_kwargs)
+        kwargs = model_init_kwargs(cls.auto_class, load_config(folder), cls.model_kwargs) if cls.model_kwargs else {}
+        model = load_pretrained(cls.auto_class, folder, **kwargs)
         head = cls(model, meta["labels"], **meta.get("head_options", {}))
         head.load_extra_modules(folder, meta)
         return head
@@ -292,7 +298,7 @@ def read_first_token_only(model: nn.Module, classify) -> bool:
     """
     top = _top_layer(model)
     needed = ("attention", "intermediate", "output")
-    if (ALL_ATTENTION_FUNCTIONS is None or top is None or model.config.is_decoder
+    if (ALL_ATTENTION_FUNCTIONS is None or top is None or getattr(model.config, "is_decoder", False)
             or not all(hasattr(top, name) for name in needed) or getattr(top, "add_cross_attention", False)
             or not all(hasattr(top.attention, name) for name in ("self", "output"))
             or not hasattr(top.attention.self, "query")):

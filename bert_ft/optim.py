@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|block|blocks|h)\.(\d+)\.")
+from .families import encoder_depth as _family_depth
+from .families import encoder_layers, refuse_without_layers
 
 
 @dataclass
@@ -20,12 +20,10 @@ class GroupSpec:
     lr: float
 
 
-def encoder_depth(name: str, num_layers: int) -> int:
-    """0 for embeddings, i+1 for encoder layer i, num_layers for the rest of the encoder (e.g. the pooler)."""
-    if "embeddings" in name:
-        return 0
-    match = _LAYER_INDEX.search(name)
-    return int(match.group(1)) + 1 if match else num_layers
+def encoder_depth(name: str, layers: tuple[str, int] | None) -> int:
+    """0 for embeddings, i+1 for encoder layer i, the top layer's depth for the rest of the encoder (e.g. the
+    pooler); `layers` is `bert_ft.families.encoder_layers(encoder)` (the stack of layers in any family)."""
+    return _family_depth(name, layers)
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -38,13 +36,16 @@ def parameter_groups(model: nn.Module, learning_rate: float, head_learning_rate:
                      layer_lr_decay: float, weight_decay: float) -> list[GroupSpec]:
     """Groups in depth order; encoder depth d of L layers gets lr * decay ** (L - d), the head its own lr."""
     encoder = model.encoder_model()
-    num_layers = encoder.config.num_hidden_layers
+    if layer_lr_decay != 1.0:
+        refuse_without_layers(encoder, "--layer_lr_decay", "layer-wise lr decay")
+    layers = encoder_layers(encoder)
+    num_layers = layers[1] if layers else 1
     encoder_ids = {id(param) for param in encoder.parameters()}
     encoder_names = {id(param): name for name, param in encoder.named_parameters()}
     buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if id(param) in encoder_ids:
-            depth = encoder_depth(encoder_names[id(param)], num_layers)
+            depth = encoder_depth(encoder_names[id(param)], layers)
         else:
             depth = num_layers + 1  # classifier, CRF, relation head: the new layers
         buckets.setdefault((depth, _no_decay(name, param)), []).append(param)
@@ -111,10 +112,12 @@ def set_frozen(model: nn.Module, freeze_encoder: bool, freeze_layers: int) -> in
     (no weight decay either): they stay bit-identical.
     """
     encoder = model.encoder_model()
-    num_layers = encoder.config.num_hidden_layers
+    if freeze_layers > 0:
+        refuse_without_layers(encoder, "--freeze_layers", "freezing the bottom layers")
+    layers = encoder_layers(encoder)
     frozen = 0
     for name, param in encoder.named_parameters():
-        depth = encoder_depth(name, num_layers)
+        depth = encoder_depth(name, layers)
         freeze = freeze_encoder or (freeze_layers > 0 and depth <= freeze_layers)
         param.requires_grad_(not freeze)
         frozen += param.numel() if freeze else 0

@@ -20,6 +20,7 @@ from bert_ft.crf import CRF, iob2_transition_mask
 from bert_ft.data import (best_window_per_word, check_text_file, iter_text_lines, looks_like_jsonl, read_jsonl_records,
                           special_tokens_around, word_windows)
 from bert_ft.errors import DataError, UsageError
+from bert_ft.families import prefix_space_for_words, word_prefix_ids
 from bert_ft.heads import Head, encoder_inputs, example_tokens
 from bert_ft.io import atomic_write_lines
 from bert_ft.losses import sequence_weights, weighted_mean
@@ -360,7 +361,7 @@ class TokenTagger(Head):
 
     def scores(self, batch: dict) -> torch.Tensor:
         """Token logits (rows, seq, num_labels): what an exported graph computes."""
-        return self.model(**encoder_inputs(batch)).logits
+        return self.model(**encoder_inputs(batch, self.model)).logits
 
     def decode_scores(self, scores: torch.Tensor, batch: dict, temperature: float | None = None) -> dict:
         return self._decode(scores.float(), batch["word_starts"], batch, temperature)
@@ -618,6 +619,12 @@ class NerTask(Task):
                          "get no context")
         return lines
 
+    def prepare_tokenizer(self, tokenizer) -> None:
+        """Words arrive pre-split: a byte-level BPE tokenizer (RoBERTa, ModernBERT) must mark each as following a
+        space, as in running text, or every word but the first gets the sub-words of a word's middle. Saved with
+        the model folder, so predict and transformers.pipeline read text the same way."""
+        prefix_space_for_words(tokenizer)
+
     def head_options(self) -> dict:
         return {"use_crf": self.options.crf}
 
@@ -645,6 +652,7 @@ class NerTask(Task):
         prefix, budget = len(before), max_seq_length - len(before) - len(after)
         suffix = len(after)
         with_types = "token_type_ids" in tokenizer.model_input_names
+        bare_prefixes = word_prefix_ids(tokenizer)
         inputs, example_index, lengths, windows = [], [], [], []
         if not examples:
             return Features(inputs, example_index, lengths, windows)
@@ -668,9 +676,13 @@ class NerTask(Task):
                 content, word_starts, token_labels = [], [], []
                 for word in range(start, end):
                     pieces = word_pieces[word]
+                    # A SentencePiece word may start with a bare "▁" piece (the word's own first piece is not in the
+                    # vocabulary with the prefix): its label sits on the first real sub-word after it.
+                    lead = 1 if len(pieces) > 1 and pieces[0] in bare_prefixes else 0
+                    rest = len(pieces) - 1 - lead
                     content.extend(pieces)
-                    word_starts.extend([1] + [0] * (len(pieces) - 1))
-                    token_labels.extend([label_ids.get(example.tags[word], 0)] + [-100] * (len(pieces) - 1))
+                    word_starts.extend([0] * lead + [1] + [0] * rest)
+                    token_labels.extend([-100] * lead + [label_ids.get(example.tags[word], 0)] + [-100] * rest)
                 left, right = self._context(word_pieces, left_pieces, right_pieces, start, end, budget - len(content))
                 input_ids = before + left + content + right + after
                 feature = {"input_ids": input_ids,

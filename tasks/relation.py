@@ -358,7 +358,7 @@ class EntityPairClassifier(ClassifierHead):
 
     def scores(self, batch: dict) -> torch.Tensor:
         """Class logits (examples, num_labels): what an exported graph computes."""
-        hidden = self.model(**encoder_inputs(batch)).last_hidden_state  # (rows, seq, hidden)
+        hidden = self.model(**encoder_inputs(batch, self.model)).last_hidden_state  # (rows, seq, hidden)
         first = hidden[example_positions(batch)]  # (examples, hidden): each example's [CLS]
         if self.pooling == "entity_start":
             pooled = torch.cat([hidden[example_positions(batch, batch["e1_start"])],

@@ -316,6 +316,33 @@ def _sequence_classifier(model: nn.Module, first: torch.Tensor) -> torch.Tensor:
     return model.classifier(first[:, None])
 
 
+def _context_pooler_classifier(model: nn.Module, first: torch.Tensor) -> torch.Tensor:
+    """DeBERTa layout: the task model's own ContextPooler (reads position 0), dropout, linear."""
+    return model.classifier(model.dropout(model.pooler(first[:, None])))
+
+
+def _pre_classifier(model: nn.Module, first: torch.Tensor) -> torch.Tensor:
+    """DistilBERT layout: pre-classifier, ReLU, dropout, linear on the first state."""
+    return model.classifier(model.dropout(torch.relu(model.pre_classifier(first))))
+
+
+def _linear_pooler_classifier(model: nn.Module, first: torch.Tensor) -> torch.Tensor:
+    """ALBERT layout: the encoder's linear pooler and its activation on the first state, dropout, linear."""
+    encoder = model.base_model
+    return model.classifier(model.dropout(encoder.pooler_activation(encoder.pooler(first))))
+
+
+def _prediction_head_classifier(model: nn.Module, first: torch.Tensor) -> torch.Tensor:
+    """ModernBERT layout (classifier_pooling "cls"): prediction head, dropout, linear on the first state."""
+    if getattr(model.config, "classifier_pooling", "cls") != "cls":
+        raise ValueError("mean pooling reads every token")
+    return model.classifier(model.drop(model.head(first)))
+
+
+FIRST_STATE_LAYOUTS = (_pooler_classifier, _sequence_classifier, _context_pooler_classifier, _pre_classifier,
+                       _linear_pooler_classifier, _prediction_head_classifier)
+
+
 def _first_state_classifier(model: nn.Module):
     """Which layout turns the first token's state into this model's logits exactly as its own forward does (None
     also for a model that cannot run the check, such as the encoder-less stand-in of an export folder)."""
@@ -325,9 +352,9 @@ def _first_state_classifier(model: nn.Module):
     try:
         batch = check_batch(model)
         with torch.no_grad():
-            expected = model(**encoder_inputs(batch)).logits
-            hidden = model.base_model(**encoder_inputs(batch))[0]  # (rows, seq, hidden)
-            for layout in (_pooler_classifier, _sequence_classifier):
+            expected = model(**encoder_inputs(batch, model)).logits
+            hidden = model.base_model(**encoder_inputs(batch, model))[0]  # (rows, seq, hidden)
+            for layout in FIRST_STATE_LAYOUTS:
                 try:
                     got = layout(model, hidden[:, 0])
                 except Exception:  # not this layout
@@ -359,14 +386,14 @@ class SequenceClassifier(ClassifierHead):
     def scores(self, batch: dict) -> torch.Tensor:
         """Class logits (examples, num_labels): what an exported graph computes."""
         if self.classify_first is None:
-            return self.model(**encoder_inputs(batch)).logits
+            return self.model(**encoder_inputs(batch, self.model)).logits
         rows, offsets = example_positions(batch)
         if is_packed(batch) and reads_first_token_only(self.model):
             # The [CLS]-only top layer, told where each packed example starts: (examples, 1, hidden).
             with first_token_positions(self.model, rows, offsets):
-                first = self.model.base_model(**encoder_inputs(batch))[0][:, 0]
+                first = self.model.base_model(**encoder_inputs(batch, self.model))[0][:, 0]
         else:
-            hidden = self.model.base_model(**encoder_inputs(batch))[0]  # (rows, seq, hidden); (rows, 1, hidden) fast
+            hidden = self.model.base_model(**encoder_inputs(batch, self.model))[0]  # (rows, seq, hidden); (rows, 1, hidden) fast
             first = hidden[rows, offsets]  # (examples, hidden)
         return self.classify_first(self.model, first)  # (examples, num_labels)
 

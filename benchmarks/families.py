@@ -1,0 +1,120 @@
+"""Training speed per encoder family: bert-ft packed, bert-ft padded and the Hugging Face Trainer recipe, on base-sized
+randomly initialised models (12 layers, hidden 768, 12 heads) of every family, CoNLL-2003 NER.
+
+    python benchmarks/families.py --max_train_samples 256 --repeats 1
+    python benchmarks/families.py --families roberta deberta-v3 --precision bf16      # e.g. on a GPU
+
+Throughput does not depend on the weights (the same matrix products run whatever their values), so random weights
+measure what pretrained ones would; the tokenizers are real ones of each family (bert_ft.random_models), trained
+offline, so sequence lengths are those of the family's kind of tokenizer (their 2,000-entry vocabularies cut words
+into somewhat more pieces than the released vocabularies do). Each side is one run of `benchmarks/speed.py` in its own
+process (its peak memory is its own): the same slice, batch size, learning rate, epochs and seed for
+  recipe   HF `Trainer` + `DataCollatorForTokenClassification` (run_ner.py's way; byte-level BPE tokenizers get
+           add_prefix_space as run_ner.py gives RoBERTa)
+  padded   bert-ft with length-grouped padded batches (--packing false)
+  packed   bert-ft's default: several examples per row (--packing true; its start-up check must keep it on)
+With --repeats > 1 the sides alternate (recipe, padded, packed, recipe, ...) so that a change of load on a shared
+machine falls on all of them; the table shows the median. Runs on CUDA unchanged (`--precision bf16` there; SDPA
+attention is transformers' default for every family that has it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SIDES = {"recipe": "recipe", "padded": "grouped", "packed": "packed"}  # this table's name -> speed.py's side
+DEFAULT_FAMILIES = ("bert", "roberta", "xlm-roberta", "deberta-v3", "electra", "distilbert", "albert", "modernbert")
+
+
+def run_side(folder: str, side: str, args, seed: int) -> dict:
+    result_file = tempfile.mktemp(suffix=".json")
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "ner", "--model_name_or_path", folder,
+               "--max_train_samples", str(args.max_train_samples), "--max_eval_samples", str(args.max_eval_samples),
+               "--batch_size", str(args.batch_size), "--eval_batch_size", str(args.batch_size),
+               "--max_seq_length", str(args.max_seq_length), "--side", SIDES[side], "--seed", str(seed),
+               "--mixed_precision", args.precision, "--result_file", result_file]
+    completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if completed.returncode != 0:
+        raise SystemExit(f"{side} run on {folder} failed:\n{completed.stderr[-3000:]}")
+    with open(result_file, encoding="utf-8") as handle:
+        result = json.load(handle)
+    os.remove(result_file)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES))
+    parser.add_argument("--max_train_samples", type=int, default=256)
+    parser.add_argument("--max_eval_samples", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"), help="no = fp32")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating sides")
+    parser.add_argument("--size", default="base", choices=("base", "small", "tiny"),
+                        help="base: 12 layers, hidden 768; small: 4 layers, hidden 256 (for a loaded machine)")
+    parser.add_argument("--models_dir", help="keep the built models here (default: a temporary folder, removed)")
+    parser.add_argument("--output", help="also write every run's numbers as JSON")
+    args = parser.parse_args()
+
+    import torch
+
+    from bert_ft.random_models import build_family
+
+    root = args.models_dir or tempfile.mkdtemp(prefix="bench-families-")
+    results: dict[str, dict[str, list[dict]]] = {}
+    try:
+        for family in args.families:
+            folder = os.path.join(root, f"{family}-{args.size}")
+            if not os.path.isfile(os.path.join(folder, "config.json")):
+                build_family(family, folder, size=args.size)
+            results[family] = {side: [] for side in SIDES}
+            for repeat in range(args.repeats):
+                for side in SIDES:
+                    results[family][side].append(run_side(folder, side, args, 42))
+            median = {side: statistics.median(run["train_samples_per_second"] for run in runs)
+                      for side, runs in results[family].items()}
+            print(f"{family}: " + ", ".join(f"{side} {value:.2f} samples/s" for side, value in median.items()),
+                  flush=True)
+            if not args.models_dir:
+                shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        if not args.models_dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    print(f"\nCoNLL-2003 NER, {args.max_train_samples} training sentences, 1 epoch, batch {args.batch_size}, "
+          f"max_seq_length {args.max_seq_length}, {'fp32' if args.precision == 'no' else args.precision}, "
+          f"{args.size} random weights, {machine}; median of {args.repeats} alternating run(s) per side")
+    header = ("family", "packed/s", "padded/s", "recipe/s", "packed/padded", "packed/recipe", "pad packed",
+              "pad padded", "MB packed", "MB padded", "MB recipe")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for family, sides in results.items():
+        def value(side: str, key: str) -> float:
+            return statistics.median(run[key] for run in sides[side])
+
+        speed = {side: value(side, "train_samples_per_second") for side in SIDES}
+        row = [family, f"{speed['packed']:.2f}", f"{speed['padded']:.2f}", f"{speed['recipe']:.2f}",
+               f"{speed['packed'] / speed['padded']:.2f}x", f"{speed['packed'] / speed['recipe']:.2f}x",
+               f"{value('packed', 'padding_ratio'):.2f}", f"{value('padded', 'padding_ratio'):.2f}",
+               f"{value('packed', 'peak_memory_mb'):.0f}", f"{value('padded', 'peak_memory_mb'):.0f}",
+               f"{value('recipe', 'peak_memory_mb'):.0f}"]
+        print("| " + " | ".join(row) + " |")
+    if args.output:
+        from bert_ft.io import atomic_write_json
+
+        atomic_write_json(args.output, {"args": vars(args), "runs": results})
+
+
+if __name__ == "__main__":
+    main()
