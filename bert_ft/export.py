@@ -37,6 +37,7 @@ OUTPUT_NAME = "scores"
 # Built from the batch inside the graph: a padded batch holds one example per row, from position 0.
 DERIVED_KEYS = ("example_row", "example_offset", "example_length")
 NEAR_TIE = 1e-4  # a changed prediction counts as a near-tie when PyTorch's own scores for both differ by less
+REGRESSION_TOLERANCE = 1e-4  # fp32 regression exports: the largest value difference, relative to the values
 INT8_MAX_DROP = 0.5  # points of the task's metric: the int8 export is flagged above this drop
 TRACE_ROWS, TRACE_WIDTH = 2, 16
 
@@ -306,6 +307,7 @@ def parity_check(task: Any, reference: nn.Module, exported: OnnxModel, tokenizer
     rows = {"pytorch": [None] * len(features), "exported": [None] * len(features)}
     seconds = {"pytorch": 0.0, "exported": 0.0}
     largest, units, changed, near_ties, worst_margin = 0.0, 0, 0, 0, 0.0
+    regression, value_scale = False, 0.0
     reference.eval()
     with torch.inference_mode():
         for batch in loader:
@@ -323,6 +325,13 @@ def parity_check(task: Any, reference: nn.Module, exported: OnnxModel, tokenizer
             largest = max(largest, float(difference.max()) if difference.numel() else 0.0)
             torch_out = reference.decode_scores(torch_scores, inputs)
             onnx_out = exported.decode_scores(onnx_scores, inputs)
+            if torch_out["pred"].is_floating_point():  # regression: values, compared by their difference
+                regression = True
+                units += int(torch_out["pred"].numel())
+                value_scale = max(value_scale, float(torch_out["pred"].abs().max()))
+                _store(rows["pytorch"], indices, torch_out, None)
+                _store(rows["exported"], indices, onnx_out, None)
+                continue
             counted = _units(torch_out["pred"]) | _units(onnx_out["pred"])
             different = (torch_out["pred"] != onnx_out["pred"]) & counted
             units += int(counted.sum())
@@ -351,6 +360,11 @@ def parity_check(task: Any, reference: nn.Module, exported: OnnxModel, tokenizer
     if quantized:
         report["passed"] = drop <= INT8_MAX_DROP
         report["criterion"] = f"int8: {metric} drop <= {INT8_MAX_DROP} points"
+    elif regression:
+        tolerance = REGRESSION_TOLERANCE * max(1.0, value_scale)
+        report["passed"] = largest <= tolerance
+        report["criterion"] = (f"fp32 regression: largest |value difference| <= {tolerance:.3g} "
+                               f"({REGRESSION_TOLERANCE:g} x the largest |value|, at least 1)")
     else:
         report["passed"] = changed == near_ties
         report["criterion"] = (f"fp32: no changed prediction except near-ties (PyTorch's scores for both "

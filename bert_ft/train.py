@@ -38,8 +38,8 @@ from .cpu import reuse_freed_memory, use_bulk_dropout
 from .checks import check_label_variety, check_output_dir_path, clamp_max_seq_length
 from .encoder import load_config, load_tokenizer, resolve_model_path, transfer_encoder
 from .errors import DataError, TrainingDiverged, UsageError
-from .calibration import calibrate, calibration_section, expected_calibration_error
-from .heads import has_score_seam, read_meta, save_model, write_temperature
+from .calibration import calibrate, calibration_section, expected_calibration_error, fit_decision
+from .heads import has_score_seam, read_meta, save_model, update_meta, write_temperature
 from .inference import decode_batches, eval_loader, infer, score_batches
 from .io import atomic_write_json, atomic_write_text
 from .losses import format_weights, label_counts, resolve_class_weights
@@ -177,6 +177,7 @@ def prepare_data(task: Task, config: TrainConfig, log=print, accelerator: Accele
     start = time.perf_counter()
     cache = data_cache(config, accelerator, log)
     splits = load_splits(task, config, cache)
+    task.fit_to_data(splits.train)  # what the data decides (the sentence task's problem type)
     labels = train_labels(task, splits, cache)
     check_labels(task, splits, labels)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
@@ -378,6 +379,7 @@ class Training:
     packing: str  # "on", or why it is off
     epochs: int  # epochs to run: --num_train_epochs, or as many as --max_steps needs
     class_weights: dict | None = None  # {label: weight} the loss uses (--class_weights), None: unweighted
+    decision: dict | None = None  # what the head tuned on validation (multi-label thresholds), for bert_ft.json
 
 
 def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Accelerator, log) -> Training:
@@ -610,6 +612,9 @@ def score_splits(task: Task, data: Data, training: Training, objective: str = "c
                                 validation_confidences(training, task, data, scored["validation"]),
                                 training.accelerator, objective)
     training.network.temperature = calibration["temperature"] if calibration else 1.0
+    if "validation" in scored:  # decision rules tuned on validation (multi-label thresholds), before any decoding
+        training.decision = fit_decision(training.network, scored["validation"], len(data.features["validation"]),
+                                         data.features["validation"], training.accelerator)
     evaluations = {}
     for split in present:
         if split in scored:
@@ -810,6 +815,8 @@ def final_scoring(task: Task, config: TrainConfig, data: Data, training: Trainin
         write_temperature(model_dir, calibration["temperature"],
                           {**calibration, "fitted_on": data.splits.sources["validation"],
                            **{key: metrics[key] for key in ("eval_ece", "eval_ece_calibrated") if key in metrics}})
+    if training.decision and accelerator.is_main_process:
+        update_meta(model_dir, training.decision)
     report_sections.append(_speed_section(metrics))
     if accelerator.is_main_process:
         if test_evaluation is not None:
