@@ -429,3 +429,40 @@ def test_training_options_stay_on(tmp_path, tiny_model_dir, multi_label_run):
     data = jsonl(tmp_path / "reg.jsonl", reg)
     assert main(TASKS, ["sentence", "--model_name_or_path", tiny_model_dir, "--train_file", data, "--problem_type",
                         "regression", "--class_weights", "balanced", "--output_dir", str(tmp_path / "w")]) == 2
+
+
+def test_two_processes_gather_before_metrics_and_thresholds(tmp_path, tiny_model_dir):
+    """Under 2 processes (each scoring half of the data), the multi-label test metrics and the tuned thresholds
+    are those of one process scoring the saved model on every example."""
+    import subprocess
+    import sys
+
+    from bert_ft.heads import load_model
+    from bert_ft.predict import predict_examples
+
+    rows = [{"text": text, "label": topics} for text, topics, _ in topic_rows(70, 7)]
+    train, dev = jsonl(tmp_path / "train.jsonl", rows[:40]), jsonl(tmp_path / "dev.jsonl", rows[40:])  # 30: odd halves
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run_dir = str(tmp_path / "run")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+               os.path.join(root, "run_task.py"), "sentence", "--model_name_or_path", tiny_model_dir,
+               "--train_file", train, "--validation_file", dev, "--test_file", dev, "--output_dir", run_dir,
+               "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "4",
+               "--learning_rate", "3e-3"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = _read(os.path.join(run_dir, "metrics.json"))
+    assert metrics["num_processes"] == 2
+    model_dir = os.path.join(run_dir, "model")
+    meta = _read(os.path.join(model_dir, "bert_ft.json"))
+    model, tokenizer, _ = load_model(model_dir, TASKS)
+    task = SentenceTask(SentenceOptions(**meta["task_options"]))
+    results = predict_examples(task, model, tokenizer, [row["text"] for row in rows[40:]], 128, 16)
+    for label in meta["labels"]:
+        threshold, _ = f1_optimal_threshold([r["probabilities"][label] for r in results],
+                                            [label in row["label"] for row in rows[40:]])
+        assert meta["thresholds"][label] == pytest.approx(threshold, abs=1e-5)
+    one = multi_label_report_dict([row["label"] for row in rows[40:]], [r["labels"] for r in results], meta["labels"])
+    for key in ("micro_f1", "macro_f1", "samples_f1", "subset_accuracy", "hamming_loss"):
+        assert metrics[f"test_{key}"] == pytest.approx(one[key]), key
