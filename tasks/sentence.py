@@ -794,9 +794,10 @@ class SentenceTask(ClassificationTask):
                     targets[label_ids[item]] = 1.0
             return targets
         if isinstance(label, list):
+            kind = "regression" if problem == "regression" else "single-label"
             raise DataError(example.path, example.line, f"a list of labels ({json.dumps(label, ensure_ascii=False)})"
-                            f" in a {problem.replace('_', '-')} file", "give one label per example"
-                            + (", or train with --problem_type multi_label" if problem == "single_label" else ""))
+                            f" in a {kind} file", "give one label per example"
+                            + (", or train with --problem_type multi_label" if kind == "single-label" else ""))
         if problem == "regression":
             value = _number(label)
             if value is None:
@@ -865,12 +866,12 @@ class SentenceTask(ClassificationTask):
         return Evaluation(dict(scores), report, predicted, None, None)
 
     def confidences(self, examples, features, outputs, labels):
-        if self.options.problem_type != "single_label":
+        if self.options.problem_type in ("multi_label", "regression"):
             return None  # temperature calibration is for single-label softmax confidences only
         return super().confidences(examples, features, outputs, labels)
 
     def write_predictions(self, path: str, examples, predictions) -> None:
-        if self.options.problem_type == "single_label":
+        if self.options.problem_type not in ("multi_label", "regression"):  # single-label (or not yet resolved)
             return super().write_predictions(path, examples, predictions)
         gold = [float(_number(example.label)) if self.options.problem_type == "regression"
                 else self.labels_of(example) for example in examples]
