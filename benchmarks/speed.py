@@ -3,6 +3,16 @@
     python benchmarks/speed.py ner --max_train_samples 2000 --max_eval_samples 1000 --seeds 1 2 3
     python benchmarks/speed.py sentence --max_train_samples 4000 --max_eval_samples 872 --seeds 1 2 3
     python benchmarks/speed.py ner --precisions bf16 --max_train_samples 14041   # on a GPU: prints MFU too
+    python benchmarks/speed.py multi_label --max_train_samples 1000 --max_eval_samples 1000 --num_train_epochs 2 \
+        --seeds 1 2 3 4 5 --sides recipe packed --precisions no bf16   # CoNLL-derived (benchmarks/derived_tasks.py)
+    python benchmarks/speed.py regression ...                           # the same for the regression task
+
+multi_label and regression are the sentence tasks derived from CoNLL-2003 (docs/sentence-tasks.md), written to a
+temporary folder at start; the recipe side is AutoModelForSequenceClassification with problem_type
+"multi_label_classification" (float multi-hot labels, BCE) or "regression" (MSE on the raw targets), as
+run_classification.py builds them. Scores: micro-F1 at the 0.5 threshold (no validation file on either side, so
+bert-ft keeps its default threshold) and Pearson's r. With several seeds the paired score difference is printed
+with its 90 % interval (Student t, as benchmarks/quality_ab.py's rule: not below -1 point).
 
 Sides, each in every precision of `--precisions` (default: fp32 "no" and bf16):
   recipe   the stock HF recipe: `Trainer`, `DataCollatorForTokenClassification` / `DataCollatorWithPadding`,
@@ -37,7 +47,21 @@ FILES = {
     "ner": {"train": os.path.join(DATA, "conll2003", "train.txt"), "test": os.path.join(DATA, "conll2003", "test.txt")},
     "sentence": {"train": os.path.join(DATA, "sst2", "train.tsv"), "test": os.path.join(DATA, "sst2", "dev.tsv")},
 }
-SCORE = {"ner": "test_f1", "sentence": "test_accuracy"}
+SCORE = {"ner": "test_f1", "sentence": "test_accuracy", "multi_label": "test_micro_f1", "regression": "test_pearson"}
+DERIVED = ("multi_label", "regression")  # sentence tasks derived from CoNLL-2003 (benchmarks/derived_tasks.py)
+for _kind in DERIVED:
+    FILES[_kind] = {"train": None, "test": None}  # written by derive_files() before the runs
+
+
+def derive_files(kind: str, train_samples: int, eval_samples: int) -> None:
+    """Write the derived task's train/test slices (CoNLL-2003 train/test) to a temporary folder; FILES points
+    at them."""
+    from benchmarks.derived_tasks import CONLL, derive, read_conll, write_jsonl
+
+    folder = tempfile.mkdtemp(prefix=f"bench-{kind}-")
+    for split, name, count in (("train", "train.txt", train_samples), ("test", "test.txt", eval_samples)):
+        FILES[kind][split] = write_jsonl(os.path.join(folder, f"{split}.jsonl"),
+                                         derive(read_conll(os.path.join(CONLL, name))[:count], kind))
 
 
 def peak_memory_mb() -> float:
@@ -57,7 +81,7 @@ def run_bert_ft(args) -> dict:
     from bert_ft.cli import main
 
     output_dir = tempfile.mkdtemp(prefix="bench-bertft-")
-    flags = [args.task, "--model_name_or_path", args.model_name_or_path, "--train_file", FILES[args.task]["train"],
+    flags = ["sentence" if args.task in DERIVED else args.task, "--model_name_or_path", args.model_name_or_path, "--train_file", FILES[args.task]["train"],
              "--test_file", FILES[args.task]["test"], "--output_dir", output_dir, "--overwrite_output_dir",
              "--max_train_samples", str(args.max_train_samples), "--max_eval_samples", str(args.max_eval_samples),
              "--num_train_epochs", str(args.num_train_epochs), "--per_device_train_batch_size", str(args.batch_size),
@@ -141,17 +165,24 @@ def run_recipe(args) -> dict:
             path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_ids)
         collator = CountingCollator(DataCollatorForTokenClassification(tokenizer))
     else:
-        from bert_ft_tasks.sentence import SentenceTask
+        from bert_ft_tasks.sentence import HF_PROBLEM_TYPES, SentenceTask
 
         reader = SentenceTask(SentenceTask.options_type())
-        train = reader.read(FILES["sentence"]["train"])[: args.max_train_samples]
-        test = reader.read(FILES["sentence"]["test"])[: args.max_eval_samples]
+        train = reader.read(FILES[args.task]["train"])[: args.max_train_samples]
+        test = reader.read(FILES[args.task]["test"])[: args.max_eval_samples]
+        reader.fit_to_data(train)  # the problem type, as bert-ft infers it
+        problem = reader.options.problem_type
         labels = reader.build_labels(train)
         label_ids = {label: index for index, label in enumerate(labels)}
 
+        def target(label):
+            if problem == "multi_label":  # run_classification.py: a float multi-hot vector
+                return [1.0 if name in label else 0.0 for name in labels]
+            return float(label) if problem == "regression" else label_ids[label]
+
         def tokenize(examples):
             encoded = tokenizer(examples["text"], truncation=True, max_length=args.max_seq_length)
-            encoded["labels"] = [label_ids[label] for label in examples["label"]]
+            encoded["labels"] = [target(label) for label in examples["label"]]
             return encoded
 
         def as_columns(examples):
@@ -160,7 +191,8 @@ def run_recipe(args) -> dict:
         train_set = Dataset.from_dict(as_columns(train)).map(tokenize, batched=True, remove_columns=["text", "label"])
         test_set = Dataset.from_dict(as_columns(test)).map(tokenize, batched=True, remove_columns=["text", "label"])
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_ids)
+            path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_ids,
+            problem_type=HF_PROBLEM_TYPES[problem])
         collator = CountingCollator(DataCollatorWithPadding(tokenizer))
 
     training_args = TrainingArguments(
@@ -176,7 +208,18 @@ def run_recipe(args) -> dict:
     output = trainer.predict(test_set)
     eval_seconds = time.perf_counter() - start
     predictions = np.argmax(output.predictions, axis=-1)
-    if args.task == "ner":
+    if args.task == "multi_label":
+        from bert_ft.metrics import multi_label_report_dict
+
+        on = 1 / (1 + np.exp(-output.predictions)) >= 0.5  # the recipe's decision: sigmoid >= 0.5
+        score = multi_label_report_dict([[labels[i] for i in np.flatnonzero(row > 0.5)] for row in output.label_ids],
+                                        [[labels[i] for i in np.flatnonzero(row)] for row in on], labels)["micro_f1"]
+    elif args.task == "regression":
+        from bert_ft.metrics import pearson
+
+        score = pearson([float(value) for value in output.label_ids],
+                        [float(value) for value in np.asarray(output.predictions).reshape(-1)])
+    elif args.task == "ner":
         gold_tags, predicted_tags = [], []
         for row_predictions, row_labels in zip(predictions, output.label_ids):
             keep = row_labels != -100
@@ -246,6 +289,8 @@ def main() -> None:
                         help="run every side in each of these precisions (no = fp32)")
     parser.add_argument("--sides", nargs="+", default=["recipe", "random", "grouped", "packed"],
                         choices=("recipe", "random", "grouped", "packed"))
+    parser.add_argument("--only", nargs="+", metavar="SIDE/PRECISION",
+                        help="run only these (side, precision) pairs, e.g. recipe/no packed/bf16")
     parser.add_argument("--peak_tflops", type=float, help="peak FLOP/s of the device in TFLOPS, for MFU (GPUs "
                         "in PEAK_BF16_TFLOPS are known; on a CPU MFU is printed only with this flag)")
     parser.add_argument("--output", help="also write every run's numbers (per side, precision and seed) as JSON")
@@ -254,16 +299,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # a child's one seed
     parser.add_argument("--result_file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.task in DERIVED:
+        derive_files(args.task, args.max_train_samples, args.max_eval_samples)
     if args.side is not None:  # a child process: one side, one precision, one seed, result as JSON
         args.seed = args.seed if args.seed is not None else args.seeds[0]
         result = run_recipe(args) if args.side == "recipe" else run_bert_ft(args)
         with open(args.result_file, "w", encoding="utf-8") as handle:
             json.dump(result, handle)
         return
-    runs = {(side, precision): [] for precision in args.precisions for side in args.sides}
+    runs = {(side, precision): [] for precision in args.precisions for side in args.sides
+            if not args.only or f"{side}/{precision}" in args.only}
     for seed in args.seeds:
         for side, precision in runs:  # one at a time: each run has the machine to itself
             runs[(side, precision)].append(run_side(side, precision, seed))
+            print(f"seed {seed} {side} {precision}: " + json.dumps(runs[(side, precision)][-1]), flush=True)
     import torch
 
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
@@ -294,7 +343,7 @@ def main() -> None:
             print(f"{key:<26}" + "".join(f"{values[name][key]:>12.4f}" for name in names))
 
     for precision in args.precisions:
-        names = [(side, precision) for side in args.sides]
+        names = [(side, precision) for side in args.sides if (side, precision) in runs]
         label = 'fp32' if precision == 'no' else precision
         if len(args.seeds) > 1:
             for position, seed in enumerate(args.seeds):
@@ -302,7 +351,7 @@ def main() -> None:
                             {name: runs[name][position] for name in names})
         print_table(f"precision {label}, mean over seeds (ratio: train and eval samples/s against the recipe in "
                     "this precision)", names, mean)
-        if ("recipe", precision) in mean:
+        if ("recipe", precision) in mean and len(names) > 1:
             recipe = mean[("recipe", precision)]
             for key in ("train_samples_per_second", "eval_samples_per_second"):
                 print(f"{'ratio ' + key[:-len('_samples_per_second')]:<26}"
@@ -316,12 +365,29 @@ def main() -> None:
                 spread = f" +- {statistics.stdev(differences) / len(differences) ** 0.5:.2f} (standard error)" \
                     if len(differences) > 1 else ""
                 per_seed = ", ".join(f"{d:+.2f}" for d in differences)
+                if len(differences) > 1:  # benchmarks/quality_ab.py's rule: the 90 % interval not below -1 point
+                    from benchmarks.quality_ab import t_critical
+
+                    half = t_critical(len(differences) - 1) * statistics.stdev(differences) / len(differences) ** 0.5
+                    low = statistics.fmean(differences) - half
+                    spread += (f", 90% CI [{low:+.2f}, {statistics.fmean(differences) + half:+.2f}] "
+                               f"({'passes' if low >= -1 else 'FAILS'}: not below -1 point)")
                 ratios = ", ".join(f"{ours['train_samples_per_second'] / theirs['train_samples_per_second']:.2f}x"
                                    for ours, theirs in zip(runs[(side, precision)], recipe_runs))
                 print(f"  {side} - recipe score: {statistics.fmean(differences):+.2f} points{spread} "
                       f"(per seed {per_seed}); train ratio per seed {ratios}")
     if ("recipe", "no") in mean and ("packed", "bf16") in mean:
         default, recipe = mean[("packed", "bf16")], mean[("recipe", "no")]
+        differences = [100 * (ours["score"] - theirs["score"])
+                       for ours, theirs in zip(runs[("packed", "bf16")], runs[("recipe", "no")])]
+        if len(differences) > 1:
+            from benchmarks.quality_ab import t_critical
+
+            half = t_critical(len(differences) - 1) * statistics.stdev(differences) / len(differences) ** 0.5
+            low = statistics.fmean(differences) - half
+            print(f"\nbert-ft default - recipe fp32 score: {statistics.fmean(differences):+.2f} points, 90% CI "
+                  f"[{low:+.2f}, {statistics.fmean(differences) + half:+.2f}] ({'passes' if low >= -1 else 'FAILS'} "
+                  f"the rule: not below -1 point); per seed {', '.join(f'{d:+.2f}' for d in differences)}")
         per_seed = ", ".join(f"{ours['train_samples_per_second'] / theirs['train_samples_per_second']:.2f}x"
                              for ours, theirs in zip(runs[("packed", "bf16")], runs[("recipe", "no")]))
         print(f"\nbert-ft CPU default (packed, bf16) / recipe default (fp32): train "

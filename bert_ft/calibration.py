@@ -23,6 +23,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .inference import decode_batches
+
 ECE_BINS = 15
 TEMPERATURE_RANGE = (0.05, 20.0)
 GRID_POINTS = 16  # log T grid of the confidence fit: neighbours a factor 1.49 apart over TEMPERATURE_RANGE
@@ -206,10 +208,23 @@ def calibrate(head: Any, scored: list[tuple[dict, torch.Tensor]],
     likelihood; "label": to the gold labels' likelihood (`fit_temperature`)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"calibration objective {objective!r}: expected one of {sorted(OBJECTIVES)}")
+    if not getattr(head, "temperature_scaling", True):
+        return None  # a head whose outputs are not softmax confidences (multi-label sigmoids, regression values)
     fitted = None
     if objective == "confidence" and confidences_at is not None:
         fitted = fit_temperature_to_confidences(confidences_at)
     return fitted if fitted is not None else fit_temperature(head, scored, accelerator)
+
+
+def fit_decision(head: Any, scored: list[tuple[dict, torch.Tensor]] | None, count: int,
+                 features: Any, accelerator: Any = None) -> dict | None:
+    """Decision rules a head tunes on the validation set after training, such as the multi-label sentence head's
+    per-label thresholds: `head.fit_decision(outputs, features)` on the validation outputs (decoded from the stored
+    scores, gathered over processes). Returns what the head reports for bert_ft.json, or None (no such head, no
+    validation set, or nothing to tune)."""
+    if not scored or not hasattr(head, "fit_decision"):
+        return None
+    return head.fit_decision(decode_batches(head, scored, count, accelerator), features)
 
 
 def calibration_section(temperature: dict | None, rows: list[tuple[str, float | None, float | None]], note: str,

@@ -162,8 +162,9 @@ def data_report(task: Any, splits: dict[str, list], sources: dict[str, str], fea
     for split in order:
         lines += _split_section(task, split, splits[split], sources.get(split, split), features[split], texts[split])
         lines.append("")
-    lines += _label_section(task, splits, order, labels)
-    lines.append("")
+    if not getattr(task, "predicts_numbers", False):  # regression targets are described in the task's notes
+        lines += _label_section(task, splits, order, labels)
+        lines.append("")
     overlap = _overlap_section(splits, order, texts)
     if overlap:
         lines += overlap + [""]
@@ -177,3 +178,66 @@ def data_report(task: Any, splits: dict[str, list], sources: dict[str, str], fea
             lines += [f"== notes from the {getattr(task, 'name', 'task')} task =="] + notes + [""]
     lines.append("data check passed: the data would train")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- multi-label and regression notes
+
+RARE_LABEL = 5  # a multi-label label with fewer examples than this in a split is listed as rare
+SHOWN_PAIRS = 5  # co-occurring label pairs shown
+
+
+def multi_label_notes(label_lists: Sequence[Sequence[str]]) -> list[str]:
+    """--check_data lines for multi-label data (one label list per example): label cardinality, empty lists
+    (allowed: a text with no label), rare labels, and the most frequent co-occurring pairs."""
+    count = len(label_lists)
+    if not count:
+        return []
+    sizes = Counter(len(labels) for labels in label_lists)
+    singles = Counter(label for labels in label_lists for label in set(labels))
+    pairs = Counter((first, second) for labels in label_lists for first in sorted(set(labels))
+                    for second in sorted(set(labels)) if first < second)
+    mean = sum(len(labels) for labels in label_lists) / count
+    lines = [f"label cardinality: {mean:.3f} labels per example (max {max(sizes)}); examples by number of labels: "
+             + ", ".join(f"{size}: {sizes[size]}" for size in sorted(sizes)),
+             f"empty label lists: {sizes.get(0, 0)} ({_share(sizes.get(0, 0), count)}) - allowed: a text with no "
+             "label"]
+    rare = [f"{label} ({number})" for label, number in sorted(singles.items(), key=lambda item: (item[1], item[0]))
+            if number < RARE_LABEL]
+    lines.append(f"rare labels (< {RARE_LABEL} examples): {', '.join(rare) if rare else 'none'}")
+    if pairs:
+        shown = ", ".join(f"{first}+{second} {number} ({_share(number, singles[first])} of {first}, "
+                          f"{_share(number, singles[second])} of {second})"
+                          for (first, second), number in pairs.most_common(SHOWN_PAIRS))
+        lines.append(f"co-occurring labels (most frequent pairs): {shown}")
+    else:
+        lines.append("co-occurring labels: none (no example has two labels)")
+    return lines
+
+
+def regression_notes(values: Sequence[float | None]) -> list[str]:
+    """--check_data lines for regression targets: how many are numbers, range, mean and standard deviation,
+    percentiles and a 10-bin histogram."""
+    numbers = sorted(value for value in values if value is not None)
+    missing = len(values) - len(numbers)
+    lines = [f"targets: {len(numbers)} numbers, {missing} non-numbers"
+             + (" (refused in training: each is named by file and line)" if missing else "")]
+    if not numbers:
+        return lines
+    mean = sum(numbers) / len(numbers)
+    spread = (sum((value - mean) ** 2 for value in numbers) / len(numbers)) ** 0.5
+    low, high = numbers[0], numbers[-1]
+
+    def at(share: float) -> float:
+        return numbers[max(1, math.ceil(share / 100 * len(numbers))) - 1]
+
+    lines.append(f"range {low:.6g} .. {high:.6g}; mean {mean:.6g}, standard deviation {spread:.6g}; "
+                 f"p10 {at(10):.6g}, p50 {at(50):.6g}, p90 {at(90):.6g}; distinct values {len(set(numbers))}")
+    if high > low:
+        bins = [0] * 10
+        for value in numbers:
+            bins[min(int((value - low) / (high - low) * 10), 9)] += 1
+        width = (high - low) / 10
+        lines.append("histogram (10 equal bins): " + ", ".join(
+            f"[{low + index * width:.3g}, {low + (index + 1) * width:.3g}{']' if index == 9 else ')'} {number}"
+            for index, number in enumerate(bins)))
+    return lines

@@ -133,6 +133,7 @@ def prepare_data(task: Task, config: TrainConfig, log=print, accelerator: Accele
     start = time.perf_counter()
     cache = data_cache(config, accelerator, log)
     splits = load_splits(task, config, cache)
+    task.fit_to_data(splits.train)  # what the data decides (the sentence task's problem type)
     labels = train_labels(task, splits, cache)
     check_labels(task, splits, labels)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)

@@ -218,3 +218,43 @@ def format_weights(weights: dict[str, float], counts: Counter) -> str:
     width = max(len(label) for label in weights)
     return "\n".join(f"  {label:<{width}}  {counts.get(label, 0):>8}  {weight:.4g}"
                      for label, weight in weights.items())
+
+
+# ------------------------------------------------------------------------------- multi-label and regression
+
+def multi_label_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,
+                     loss: str = "cross_entropy", gamma: float = 2.0) -> torch.Tensor:
+    """Binary cross-entropy per label (multi-label classification): `logits` and 0/1 `targets` (examples, L),
+    the mean over every (example, label) cell, in float32.
+
+    A class weight w_c multiplies the positive cells of label c (torch's `pos_weight`: a rare label's positives
+    count w_c times), so --class_weights balanced lifts rare labels as it lifts rare classes. The focal loss is
+    applied per cell: l = -(1 - p_t)^gamma * log p_t with p_t the probability of the cell's own 0/1 value (gamma
+    = 0 gives the binary cross-entropy)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    logits, targets = logits.float(), targets.float()  # (examples, L)
+    log_p = F.logsigmoid(logits)  # log p(label on)
+    log_not_p = F.logsigmoid(-logits)  # log p(label off)
+    positive, negative = -targets * log_p, -(1 - targets) * log_not_p  # (examples, L) each
+    if gamma and loss == "focal":
+        # (1 - p_t)^gamma: for a positive cell 1 - p = sigmoid(-x), for a negative one p = sigmoid(x)
+        positive = positive * torch.exp(gamma * log_not_p)
+        negative = negative * torch.exp(gamma * log_p)
+    if weights is not None:
+        positive = positive * weights.to(device=logits.device, dtype=torch.float32)[None, :]
+    return (positive + negative).mean()
+
+
+REGRESSION_LOSSES = ("mse", "huber")
+
+
+def regression_loss(predicted: torch.Tensor, targets: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """MSE or Huber loss (delta 1) of standardised predictions against standardised targets, (examples,) each,
+    in float32 (the head standardises both with the training targets' mean and standard deviation)."""
+    if kind not in REGRESSION_LOSSES:
+        raise ValueError(f"regression loss must be one of {', '.join(REGRESSION_LOSSES)}, got {kind!r}")
+    predicted, targets = predicted.float().reshape(-1), targets.float().reshape(-1)
+    if kind == "huber":
+        return F.huber_loss(predicted, targets, delta=1.0)
+    return F.mse_loss(predicted, targets)

@@ -224,3 +224,157 @@ def relation_f1(gold: list[str], pred: list[str], negative: str | None) -> dict:
         "micro_f1": _f1(micro_precision, micro_recall),
         "accuracy": _safe_divide(sum(g == p for g, p in zip(gold, pred)), len(gold)),
     }
+
+
+# ------------------------------------------------------------------------------------- multi-label
+
+def multi_label_report_dict(gold: list[list[str]], pred: list[list[str]], labels: list[str]) -> dict:
+    """Multi-label scores of label sets `gold` and `pred` (one list per example) over `labels`.
+
+    micro_* pool the (example, label) decisions of every label; macro_* average the per-label scores over
+    `labels`; samples_f1 averages each example's F1 of its predicted set against its gold set, an example whose
+    gold and predicted sets are both empty scoring 1 (it is right: nothing to find, nothing claimed; scikit-learn's
+    f1_score(average="samples", zero_division=1)); subset_accuracy counts exactly right sets; hamming_loss is the
+    share of wrong (example, label) decisions; label cardinality is the mean set size (gold and predicted).
+    Per-label scores with a zero denominator are 0 (scikit-learn's zero_division=0).
+    """
+    _check_same_length(gold, pred)
+    gold_sets, pred_sets = [set(items) for items in gold], [set(items) for items in pred]
+    per_label: dict[str, dict[str, float]] = {}
+    total_tp = total_fp = total_fn = 0
+    for label in labels:
+        tp = sum(1 for g, p in zip(gold_sets, pred_sets) if label in g and label in p)
+        fp = sum(1 for g, p in zip(gold_sets, pred_sets) if label not in g and label in p)
+        fn = sum(1 for g, p in zip(gold_sets, pred_sets) if label in g and label not in p)
+        total_tp, total_fp, total_fn = total_tp + tp, total_fp + fp, total_fn + fn
+        precision, recall = _safe_divide(tp, tp + fp), _safe_divide(tp, tp + fn)
+        per_label[label] = {"precision": precision, "recall": recall, "f1": _f1(precision, recall),
+                            "support": tp + fn}
+    known = set(labels)
+    samples = []
+    for g, p in zip(gold_sets, pred_sets):
+        g, p = g & known, p & known
+        denominator = len(g) + len(p)
+        samples.append(1.0 if not denominator else 2 * len(g & p) / denominator)
+    count = len(gold_sets)
+    micro_precision = _safe_divide(total_tp, total_tp + total_fp)
+    micro_recall = _safe_divide(total_tp, total_tp + total_fn)
+    return {
+        "micro_precision": micro_precision, "micro_recall": micro_recall,
+        "micro_f1": _f1(micro_precision, micro_recall),
+        "macro_precision": _safe_divide(sum(s["precision"] for s in per_label.values()), len(labels)),
+        "macro_recall": _safe_divide(sum(s["recall"] for s in per_label.values()), len(labels)),
+        "macro_f1": _safe_divide(sum(s["f1"] for s in per_label.values()), len(labels)),
+        "samples_f1": _safe_divide(sum(samples), count),
+        "subset_accuracy": _safe_divide(sum(g & known == p & known for g, p in zip(gold_sets, pred_sets)), count),
+        "hamming_loss": _safe_divide(sum(len((g ^ p) & known) for g, p in zip(gold_sets, pred_sets)),
+                                     count * len(labels)),
+        "label_cardinality": _safe_divide(sum(len(g & known) for g in gold_sets), count),
+        "predicted_label_cardinality": _safe_divide(sum(len(p & known) for p in pred_sets), count),
+        "per_label": per_label,
+    }
+
+
+def format_multi_label_report(report: dict) -> str:
+    rows = [[label, s["precision"], s["recall"], s["f1"], s["support"]] for label, s in report["per_label"].items()]
+    table = format_table(rows, ["label", "precision", "recall", "f1", "support"])
+    summary = [
+        f"micro avg        precision {report['micro_precision']:.4f}  recall {report['micro_recall']:.4f}  "
+        f"f1 {report['micro_f1']:.4f}",
+        f"macro avg        precision {report['macro_precision']:.4f}  recall {report['macro_recall']:.4f}  "
+        f"f1 {report['macro_f1']:.4f}",
+        f"samples f1       {report['samples_f1']:.4f}",
+        f"subset accuracy  {report['subset_accuracy']:.4f}   (the whole label set right)",
+        f"hamming loss     {report['hamming_loss']:.4f}   (share of wrong example x label decisions)",
+        f"label cardinality  gold {report['label_cardinality']:.3f}, predicted "
+        f"{report['predicted_label_cardinality']:.3f} labels per example",
+    ]
+    return "\n".join([table, ""] + summary)
+
+
+def f1_optimal_threshold(probabilities: list[float], gold: list[bool], default: float = 0.5) -> tuple[float, float]:
+    """(threshold, F1 at it) of one label: the cut that maximises F1 of `probability >= threshold` against `gold`.
+
+    Candidate cuts lie at each distinct probability; the chosen cut is placed midway between the lowest
+    probability it predicts positive and the next lower distinct probability (0 below the lowest), so that a
+    validation example's probability never sits exactly on it. Among equal F1s the highest cut wins (fewest
+    positives). A label with no gold positive keeps `default` (F1 is 0 at every cut)."""
+    positives = sum(1 for item in gold if item)
+    if not positives:
+        return default, 0.0
+    pairs = sorted(zip(probabilities, gold), key=lambda pair: -pair[0])
+    best_f1, best_cut, tp, fp, index = -1.0, default, 0, 0, 0
+    while index < len(pairs):
+        value = pairs[index][0]
+        while index < len(pairs) and pairs[index][0] == value:  # every example tied at this probability
+            tp, fp = (tp + 1, fp) if pairs[index][1] else (tp, fp + 1)
+            index += 1
+        f1 = 2 * tp / (2 * tp + fp + (positives - tp))
+        if f1 > best_f1:
+            lower = pairs[index][0] if index < len(pairs) else 0.0
+            best_f1, best_cut = f1, (value + lower) / 2
+    return float(best_cut), best_f1
+
+
+# ------------------------------------------------------------------------------------- regression
+
+def _ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their mean rank (what Spearman's correlation ranks by)."""
+    order = sorted(range(len(values)), key=lambda index: values[index])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    """Pearson's r; 0.0 when either side is constant (undefined there)."""
+    if len(x) < 2:
+        return 0.0
+    mean_x, mean_y = sum(x) / len(x), sum(y) / len(y)
+    covariance = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y))
+    spread = (sum((a - mean_x) ** 2 for a in x) * sum((b - mean_y) ** 2 for b in y)) ** 0.5
+    return covariance / spread if spread else 0.0
+
+
+def regression_report_dict(gold: list[float], pred: list[float]) -> dict:
+    """Pearson and Spearman correlation, MSE, RMSE, MAE and R^2 (1 - residual / total sum of squares; 0.0 for
+    constant gold) of predictions `pred` against targets `gold`, in the targets' own units; plus the gold and
+    predicted mean and standard deviation."""
+    if len(gold) != len(pred):
+        raise ValueError(f"gold and pred differ in length: {len(gold)} vs {len(pred)}")
+    count = len(gold)
+    if not count:
+        return {key: 0.0 for key in ("pearson", "spearman", "mse", "rmse", "mae", "r2")}
+    errors = [p - g for g, p in zip(gold, pred)]
+    mse = sum(e * e for e in errors) / count
+    mean_gold = sum(gold) / count
+    total = sum((g - mean_gold) ** 2 for g in gold)
+    mean_pred = sum(pred) / count
+    return {
+        "pearson": pearson(gold, pred),
+        "spearman": pearson(_ranks(gold), _ranks(pred)),
+        "mse": mse, "rmse": mse ** 0.5, "mae": sum(abs(e) for e in errors) / count,
+        "r2": 1 - mse * count / total if total else 0.0,
+        "gold_mean": mean_gold, "gold_std": (total / count) ** 0.5,
+        "pred_mean": mean_pred, "pred_std": (sum((p - mean_pred) ** 2 for p in pred) / count) ** 0.5,
+    }
+
+
+def format_regression_report(report: dict) -> str:
+    return "\n".join([
+        f"pearson   {report['pearson']:.4f}",
+        f"spearman  {report['spearman']:.4f}",
+        f"mse       {report['mse']:.6g}",
+        f"rmse      {report['rmse']:.6g}",
+        f"mae       {report['mae']:.6g}",
+        f"r2        {report['r2']:.4f}",
+        f"gold      mean {report['gold_mean']:.6g}, std {report['gold_std']:.6g}",
+        f"predicted mean {report['pred_mean']:.6g}, std {report['pred_std']:.6g}",
+    ])

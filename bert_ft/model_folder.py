@@ -46,6 +46,13 @@ def write_temperature(folder: str, temperature: float, details: dict) -> None:
     atomic_write_json(os.path.join(folder, META_FILE), meta)
 
 
+def update_meta(folder: str, fields: dict) -> None:
+    """Add `fields` (e.g. tuned decision thresholds) to the folder's bert_ft.json, atomically."""
+    meta = read_meta(folder)
+    meta.update(fields)
+    atomic_write_json(os.path.join(folder, META_FILE), meta)
+
+
 def read_meta(folder: str) -> dict:
     path = os.path.join(folder, META_FILE)
     if not os.path.isfile(path):

@@ -27,6 +27,7 @@ from .onnx_model import OnnxModel
 from .plugins import registered_tasks
 
 NEAR_TIE = 1e-4  # a changed prediction counts as a near-tie when PyTorch's own scores for both differ by less
+REGRESSION_TOLERANCE = 1e-4  # fp32 regression exports: the largest value difference, relative to the values
 INT8_MAX_DROP = 0.5  # points of the task's metric: the int8 export is flagged above this drop
 
 
@@ -75,6 +76,7 @@ def parity_check(task: Any, reference: nn.Module, exported: OnnxModel, tokenizer
     rows = {"pytorch": FeatureOutputs(len(features)), "exported": FeatureOutputs(len(features))}
     seconds = {"pytorch": 0.0, "exported": 0.0}
     largest, units, changed, near_ties, worst_margin = 0.0, 0, 0, 0, 0.0
+    regression, value_scale = False, 0.0
     reference.eval()
     with torch.inference_mode():
         for batch in loader:
@@ -92,6 +94,13 @@ def parity_check(task: Any, reference: nn.Module, exported: OnnxModel, tokenizer
             largest = max(largest, float(difference.max()) if difference.numel() else 0.0)
             torch_out = reference.decode_scores(torch_scores, inputs)
             onnx_out = exported.decode_scores(onnx_scores, inputs)
+            if torch_out["pred"].is_floating_point():  # regression: values, compared by their difference
+                regression = True
+                units += int(torch_out["pred"].numel())
+                value_scale = max(value_scale, float(torch_out["pred"].abs().max()))
+                rows["pytorch"].add(indices, torch_out)
+                rows["exported"].add(indices, onnx_out)
+                continue
             counted = _units(torch_out["pred"]) | _units(onnx_out["pred"])
             different = (torch_out["pred"] != onnx_out["pred"]) & counted
             units += int(counted.sum())
@@ -120,6 +129,11 @@ def parity_check(task: Any, reference: nn.Module, exported: OnnxModel, tokenizer
     if quantized:
         report["passed"] = drop <= INT8_MAX_DROP
         report["criterion"] = f"int8: {metric} drop <= {INT8_MAX_DROP} points"
+    elif regression:
+        tolerance = REGRESSION_TOLERANCE * max(1.0, value_scale)
+        report["passed"] = largest <= tolerance
+        report["criterion"] = (f"fp32 regression: largest |value difference| <= {tolerance:.3g} "
+                               f"({REGRESSION_TOLERANCE:g} x the largest |value|, at least 1)")
     else:
         report["passed"] = changed == near_ties
         report["criterion"] = (f"fp32: no changed prediction except near-ties (PyTorch's scores for both "

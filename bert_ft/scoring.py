@@ -12,14 +12,14 @@ import time
 import torch
 from accelerate import Accelerator
 
-from .calibration import calibrate, calibration_section, expected_calibration_error
+from .calibration import calibrate, calibration_section, expected_calibration_error, fit_decision
 from .checkpoints import TrainerState
 from .config import TrainConfig
 from .data_stage import Data
 from .heads import has_score_seam
 from .inference import decode_batches, infer, score_batches
 from .io import atomic_write_json, atomic_write_text
-from .model_folder import read_meta, write_temperature
+from .model_folder import read_meta, update_meta, write_temperature
 from .report import write_plots
 from .task import Evaluation, Task
 from .training_setup import Training, precision_name
@@ -53,6 +53,9 @@ def score_splits(task: Task, data: Data, training: Training, objective: str = "c
                                 validation_confidences(training, task, data, scored["validation"]),
                                 training.accelerator, objective)
     training.network.temperature = calibration["temperature"] if calibration else 1.0
+    if "validation" in scored:  # decision rules tuned on validation (multi-label thresholds), before any decoding
+        training.decision = fit_decision(training.network, scored["validation"], len(data.features["validation"]),
+                                         data.features["validation"], training.accelerator)
     evaluations = {}
     for split in present:
         if split in scored:
@@ -161,6 +164,8 @@ def final_scoring(task: Task, config: TrainConfig, data: Data, training: Trainin
         write_temperature(model_dir, calibration["temperature"],
                           {**calibration, "fitted_on": data.splits.sources["validation"],
                            **{key: metrics[key] for key in ("eval_ece", "eval_ece_calibrated") if key in metrics}})
+    if training.decision and accelerator.is_main_process:
+        update_meta(model_dir, training.decision)
     report_sections.append(_speed_section(metrics))
     if accelerator.is_main_process:
         if test_evaluation is not None:

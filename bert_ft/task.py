@@ -173,6 +173,12 @@ class Task(HubDatasets, DataReport, Calibration):
         keeps memory flat for any corpus size). The default iterates `read`."""
         return iter(self.read(path))
 
+    def fit_to_data(self, train_examples: Any) -> None:
+        """Settle, from the training examples, what the data decides before labels are built (e.g. the sentence
+        task's problem type: single-label, multi-label or regression). It may set fields of `self.options`, which
+        are then saved with the run (config.json) and the model (bert_ft.json), so predict and export rebuild the
+        task as trained. Called once per run, before any label check; the default does nothing."""
+
     def labels_of(self, example: Any) -> Sequence[str]:
         """The gold label strings of one example (used to build and check the label set)."""
         raise NotImplementedError

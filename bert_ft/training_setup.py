@@ -121,6 +121,7 @@ class Training:
     epochs: int  # epochs to run: --num_train_epochs, or as many as --max_steps needs
     class_weights: dict | None = None  # {label: weight} the loss uses (--class_weights), None: unweighted
     lr_table: str = ""  # the learning-rate groups (format_groups), for report.txt
+    decision: dict | None = None  # what the head tuned on validation (multi-label thresholds), for bert_ft.json
 
 
 def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Accelerator, log) -> Training:

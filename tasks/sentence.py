@@ -1,4 +1,16 @@
-"""Sentence (and sentence-pair) classification: TSV / CSV / JSONL input, [CLS] head, accuracy and macro F1."""
+"""Sentence (and sentence-pair) tasks: TSV / CSV / JSONL input, a [CLS] head, three problem types.
+
+The problem type follows the data, as transformers' run_classification.py infers it (`--problem_type` overrides):
+  multi_label   a JSON list of labels per record (TSV/CSV: a label cell split by --label_delimiter); an empty list
+                is a text with no label. Binary cross-entropy per label, per-label decision thresholds tuned on
+                validation (F1-optimal) or a global --threshold; micro/macro/samples F1, subset accuracy, Hamming
+                loss.
+  regression    every label a number and at least one of them not an integer ("3.5"; integer labels such as 1-5
+                stars stay classes). MSE (or Huber) on targets standardised with the training mean and standard
+                deviation; the saved output layer has the standardisation folded in, so the folder predicts in the
+                targets' own units. Pearson, Spearman, MSE, MAE, R^2.
+  single_label  otherwise: one class per text, softmax cross-entropy; accuracy and macro F1.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +25,24 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
+from bert_ft.check_data import multi_label_notes, regression_notes
 from bert_ft.config import flag
 from bert_ft.data import check_text_file, first_content_line, iter_text_lines, read_jsonl_records
-from bert_ft.errors import DataError
+from bert_ft.errors import DataError, UsageError
 from bert_ft.heads import (ClassifierHead, check_batch, encoder_inputs, example_positions, first_token_positions,
                            is_packed, read_first_token_only, reads_first_token_only)
-from bert_ft.metrics import classification_report_dict, confusion_matrix, format_classification_report, \
-    format_confusion
-from bert_ft.task import INTEGER, ClassificationTask, Features, label_typer, sample_path
+from bert_ft.losses import REGRESSION_LOSSES, multi_label_loss, regression_loss
+from bert_ft.metrics import classification_report_dict, confusion_matrix, f1_optimal_threshold, \
+    format_classification_report, format_confusion, format_multi_label_report, format_regression_report, \
+    multi_label_report_dict, regression_report_dict
+from bert_ft.io import atomic_write_lines
+from bert_ft.task import INTEGER, ClassificationTask, Evaluation, Features, label_typer, sample_path
+
+
+PROBLEM_TYPES = ("auto", "single_label", "multi_label", "regression")
+# transformers' config.problem_type of each (what pipeline("text-classification") decodes by)
+HF_PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
+                    "regression": "regression"}
 
 
 @dataclass
@@ -33,6 +55,14 @@ class SentenceOptions:
     label_column: str = flag("label", "column holding the class label (strings or integers)")
     id_column: str | None = flag(None, "column with an example id for the predictions file "
                                        "(unset: the 1-based row number)")
+    problem_type: str = flag("auto", "auto: from the training labels (a JSON list per record: multi_label; all "
+                                     "numbers, some not integers: regression; else single_label), or force one",
+                             choices=PROBLEM_TYPES)
+    label_delimiter: str | None = flag(None, "TSV/CSV multi-label: split each label cell at this string (e.g. "
+                                             "'|'); an empty cell is a text with no label")
+    threshold: float | None = flag(None, "multi-label: one decision threshold for every label (unset: a threshold "
+                                         "per label tuned for F1 on the validation set; 0.5 without one)")
+    regression_loss: str = flag("mse", "regression: the loss on standardised targets", choices=REGRESSION_LOSSES)
 
     def problems(self, config) -> list[str]:
         found = []
@@ -45,13 +75,22 @@ class SentenceOptions:
                 found.append(f"--{name}: must not be empty")
         if self.text_column is not None and self.text_column == self.label_column:
             found.append(f"--label_column: is the same column as --text_column ({self.text_column!r})")
+        if self.label_delimiter is not None and not self.label_delimiter:
+            found.append("--label_delimiter: must not be empty")
+        if self.label_delimiter is not None and self.problem_type in ("single_label", "regression"):
+            found.append(f"--label_delimiter: splits multi-label cells; not with --problem_type {self.problem_type}")
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            found.append(f"--threshold: must lie strictly between 0 and 1, got {self.threshold}")
+        if self.problem_type == "regression" and (config.class_weights != "none" or config.loss != "cross_entropy"):
+            found.append("--class_weights/--loss: class weights and focal loss are for classes; regression takes "
+                         "--regression_loss mse|huber")
         return found
 
 
 @dataclass
 class SentenceExample:
     text: str
-    label: str | None  # None only for raw `predict` inputs
+    label: str | list[str] | None  # a list: multi-label (possibly empty); None only for raw `predict` inputs
     id: str
     path: str  # the file, for messages
     line: int  # line of the row (first line of a multi-line CSV record) or of the JSON record
@@ -87,6 +126,15 @@ def _missing_column(path: str, line: int, kind: str, name: str, found: list[str]
         fix += ("; a file without labels (like GLUE's test.tsv) cannot be used for training or scoring: "
                 "use a labelled file (for SST-2, pass dev.tsv as --test_file) or `run_task.py predict` for raw text")
     return DataError(path, line, f"no {kind} column {name!r} (columns found: {shown})", fix)
+
+
+def _number(text) -> float | None:
+    """The finite number a label spells, else None."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if value == value and abs(value) != float("inf") else None
 
 
 ID_NAMES = {"id", "idx", "index", "guid", "uid", "row_id", "example_id"}
@@ -201,9 +249,13 @@ def _example(record: dict, columns: _Columns, path: str, line: int, ordinal: int
         if key is None:
             continue
         value = record[key]
+        if kind == "label" and (isinstance(value, list) or columns.options.label_delimiter is not None):
+            values[kind] = _label_list(value, columns.options.label_delimiter, key, path, line)
+            continue
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise DataError(path, line, f"the {kind} ({key!r}) is {json.dumps(value)}, not a string or number",
-                            f"give the {kind} as a string" + (" or an integer" if kind == "label" else ""))
+                            f"give the {kind} as a string" + (" or an integer" if kind == "label" else "")
+                            + (', or a list of labels (["a", "b"]) for multi-label data' if kind == "label" else ""))
         value = str(value).strip()
         if not value:
             raise DataError(path, line, f"empty {kind} in column {key!r}",
@@ -211,6 +263,30 @@ def _example(record: dict, columns: _Columns, path: str, line: int, ordinal: int
         values[kind] = value
     return SentenceExample(values["text"], values["label"], values.get("id", str(ordinal)), path, line,
                            values.get("second text"))
+
+
+def _label_list(value, delimiter: str | None, key: str, path: str, line: int) -> list[str]:
+    """A multi-label cell: a JSON list of strings/integers, or a string split at `delimiter`; empty means no
+    label. Repeats are dropped (a set of labels), order kept."""
+    if isinstance(value, list):
+        items = value
+    elif isinstance(value, str):
+        items = value.split(delimiter) if value.strip() else []
+    else:
+        raise DataError(path, line, f"the label ({key!r}) is {json.dumps(value)}, not a list of labels",
+                        'give a list such as ["sports", "politics"] (or [] for none)')
+    labels = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            raise DataError(path, line, f"the label list ({key!r}) holds {json.dumps(item)}, not a string",
+                            'give the labels as strings, e.g. ["sports", "politics"]')
+        text = str(item).strip()
+        if not text:
+            raise DataError(path, line, f"the label list ({key!r}) holds an empty label",
+                            "remove the empty entry (an empty list [] is a text with no label)")
+        if text not in labels:
+            labels.append(text)
+    return labels
 
 
 def _delimited_rows(path: str, delimiter: str) -> Iterator[tuple[str, int, list[str] | None]]:
@@ -369,14 +445,49 @@ def _first_state_classifier(model: nn.Module):
     return found
 
 
+def _output_layer(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """(state-dict prefix, layer) of the linear layer that produces the logits: BERT's `classifier`, RoBERTa's
+    `classifier.out_proj`, or a `score` layer; None for another layout."""
+    modules = dict(model.named_modules())
+    for name in ("classifier", "classifier.out_proj", "score"):
+        if isinstance(modules.get(name), nn.Linear):
+            return name, modules[name]
+    return None
+
+
 class SequenceClassifier(ClassifierHead):
-    """Sentence (or sentence-pair) classification: transformers' own pooler + linear head on each example's first
-    token ([CLS]), read at its row and offset, so packed rows classify every example they hold."""
+    """Sentence (or sentence-pair) classification or regression: transformers' own pooler + linear head on each
+    example's first token ([CLS]), read at its row and offset, so packed rows classify every example they hold.
+
+    `problem_type`: "single_label" (softmax over the classes), "multi_label" (a sigmoid per label, label c on when
+    its probability >= thresholds[c]: a global --threshold or the per-label ones `fit_decision` tunes on validation,
+    stored in bert_ft.json) or "regression" (one output in the targets' units: the linear layer's output z is
+    trained against standardised targets, scores = z * target_scale + target_mean, and the saved folder has that
+    folded into the layer's weight and bias, so transformers' pipeline gives the same number)."""
 
     auto_class = AutoModelForSequenceClassification
 
-    def __init__(self, model: nn.Module, labels: list[str]) -> None:
-        super().__init__(model, labels)
+    def __init__(self, model: nn.Module, labels: list[str], problem_type: str = "single_label",
+                 threshold: float | None = None, target_mean: float = 0.0, target_scale: float = 1.0,
+                 regression_loss: str = "mse") -> None:
+        options = {} if problem_type == "single_label" else {"problem_type": problem_type}
+        if problem_type == "multi_label":
+            options["threshold"] = threshold
+        elif problem_type == "regression":
+            options.update(target_mean=float(target_mean), target_scale=float(target_scale),
+                           regression_loss=regression_loss)
+        super().__init__(model, labels, **options)
+        if problem_type not in HF_PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {', '.join(HF_PROBLEM_TYPES)}, got {problem_type!r}")
+        self.problem_type, self.regression_kind = problem_type, regression_loss
+        self.target_mean, self.target_scale = float(target_mean), float(target_scale)
+        self.global_threshold = threshold
+        model.config.problem_type = HF_PROBLEM_TYPES[problem_type]  # saved in config.json: how pipeline decodes
+        # (num_labels,) the multi-label decision thresholds; not in the state dict (bert_ft.json holds them)
+        self.register_buffer("thresholds", torch.full((len(labels),), 0.5 if threshold is None else threshold),
+                             persistent=False)
+        # Temperature scaling is fitted to single-label softmax confidences only.
+        self.temperature_scaling = problem_type == "single_label"
         # None: an unknown layout; the stock forward is used (one example per row; packing is then refused by the
         # core's start-up check, as it reads position 0 of each row only).
         self.classify_first = _first_state_classifier(model)
@@ -384,7 +495,14 @@ class SequenceClassifier(ClassifierHead):
             model, lambda _, batch: self.scores(batch))
 
     def scores(self, batch: dict) -> torch.Tensor:
-        """Class logits (examples, num_labels): what an exported graph computes."""
+        """Class logits (examples, num_labels), or (examples, 1) values in the targets' units: what an exported
+        graph computes."""
+        logits = self._logits(batch)
+        if self.problem_type == "regression":
+            return logits * self.target_scale + self.target_mean
+        return logits
+
+    def _logits(self, batch: dict) -> torch.Tensor:
         if self.classify_first is None:
             return self.model(**encoder_inputs(batch, self.model)).logits
         rows, offsets = example_positions(batch)
@@ -397,36 +515,243 @@ class SequenceClassifier(ClassifierHead):
             first = hidden[rows, offsets]  # (examples, hidden)
         return self.classify_first(self.model, first)  # (examples, num_labels)
 
+    # ---------------------------------------------------------------------------------------- training
+    def set_loss(self, weights=None, kind: str = "cross_entropy", gamma: float = 2.0) -> None:
+        if self.problem_type == "regression" and (weights is not None or kind != "cross_entropy"):
+            raise UsageError("--class_weights/--loss: class weights and focal loss are for classes; regression "
+                             "takes --regression_loss mse|huber")
+        super().set_loss(weights, kind, gamma)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.problem_type == "multi_label":  # logits, targets (examples, L)
+            return multi_label_loss(logits, targets, self.class_weights, self.loss_kind, self.focal_gamma)
+        if self.problem_type == "regression":  # (examples, 1) and (examples,), standardised for the loss
+            return regression_loss((logits[:, 0] - self.target_mean) / self.target_scale,
+                                   (targets.float() - self.target_mean) / self.target_scale, self.regression_kind)
+        return super().loss(logits, targets)
+
+    # ---------------------------------------------------------------------------------------- decoding
+    def decode_scores(self, scores: torch.Tensor, batch: dict, temperature: float | None = None) -> dict:
+        if self.problem_type == "multi_label":
+            probs = scores.float().sigmoid()  # (examples, L): what pipeline(top_k=None) returns
+            thresholds = self.thresholds.to(probs.device)
+            return {"pred": (probs >= thresholds).long(), "probs": probs,
+                    "thresholds": thresholds.expand_as(probs)}
+        if self.problem_type == "regression":
+            return {"pred": scores.float()[:, 0]}  # (examples,) in the targets' units
+        return super().decode_scores(scores, batch, temperature)
+
+    def prediction_scores(self, scores: torch.Tensor, batch: dict, pred: torch.Tensor) -> torch.Tensor:
+        if self.problem_type == "multi_label":
+            # Each chosen label's logit above its threshold's logit: two label sets' difference is small exactly
+            # when every label they disagree on sits near its threshold.
+            cut = torch.logit(self.thresholds.to(scores.device).float())
+            return ((scores.float() - cut) * pred.float()).sum(-1)
+        if self.problem_type == "regression":
+            return scores.float()[:, 0]
+        return super().prediction_scores(scores, batch, pred)
+
+    def fit_decision(self, outputs: list[dict], features) -> dict | None:
+        """Multi-label without --threshold: each label's F1-optimal threshold on the validation outputs (gathered
+        over processes, so every process finds the same ones); set on the head and returned for bert_ft.json."""
+        if self.problem_type != "multi_label" or self.global_threshold is not None or not outputs:
+            return None
+        gold = [features.inputs[index]["labels"] for index in range(len(features))]
+        fitted, scores = {}, {}
+        for column, label in enumerate(self.labels):
+            probabilities = [float(output["probs"][column]) for output in outputs]
+            threshold, f1 = f1_optimal_threshold(probabilities, [row[column] > 0.5 for row in gold])
+            fitted[label], scores[label] = round(threshold, 6), round(f1, 6)
+        self.thresholds = torch.tensor([fitted[label] for label in self.labels], dtype=torch.float32,
+                                       device=self.thresholds.device)
+        return {"thresholds": fitted, "threshold_fit": {"rule": "per label, F1-optimal on the validation set",
+                                                        "validation_f1": scores, "examples": len(outputs)}}
+
+    # ---------------------------------------------------------------------------------------- folders
+    def save_pretrained(self, folder: str) -> None:
+        if self.problem_type != "regression":
+            return super().save_pretrained(folder)
+        found = _output_layer(self.model)
+        if found is None:
+            raise UsageError(f"regression: cannot find the output layer of {type(self.model).__name__} to fold the "
+                             "target standardisation into; use a BERT- or RoBERTa-style sequence classifier")
+        name = found[0]
+        state = {key: value.detach().clone() for key, value in self.model.state_dict().items()}
+        # y = (W x + b) * scale + mean  ==  (scale W) x + (scale b + mean): the folder predicts in own units.
+        state[f"{name}.weight"] = state[f"{name}.weight"] * self.target_scale
+        state[f"{name}.bias"] = state[f"{name}.bias"] * self.target_scale + self.target_mean
+        self.model.save_pretrained(folder, state_dict=state)
+
+    @classmethod
+    def load(cls, folder: str, meta: dict) -> "SequenceClassifier":
+        head = super().load(folder, meta)
+        if head.problem_type == "regression":  # undo the fold: the head applies scale and mean itself
+            found = _output_layer(head.model)
+            if found is not None:
+                with torch.no_grad():
+                    layer = found[1]
+                    layer.bias.sub_(head.target_mean).div_(head.target_scale)
+                    layer.weight.div_(head.target_scale)
+        return head
+
+    def load_extra_modules(self, folder: str, meta: dict) -> None:
+        super().load_extra_modules(folder, meta)
+        thresholds = meta.get("thresholds")
+        if self.problem_type == "multi_label" and isinstance(thresholds, dict):
+            self.thresholds = torch.tensor([float(thresholds.get(label, self.thresholds[index]))
+                                            for index, label in enumerate(self.labels)], dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------ the task
 
 class SentenceTask(ClassificationTask):
     name = "sentence"
-    description = "sentence / sentence-pair classification (TSV, CSV, JSONL; GLUE SST-2 TSV); accuracy, macro F1"
+    description = ("sentence / sentence-pair classification (single- or multi-label) and regression (TSV, CSV, "
+                   "JSONL; GLUE SST-2 TSV)")
     options_type = SentenceOptions
-    metric = "accuracy"
     predictions_file = "test_predictions.jsonl"
     head_type = SequenceClassifier
     samples = {split: sample_path(__file__, f"sentence_{name}.tsv")
                for split, name in (("train", "train"), ("validation", "dev"), ("test", "test"))}
 
+    METRICS = {"single_label": "accuracy", "multi_label": "micro_f1", "regression": "pearson", "auto": "accuracy"}
+
+    @property
+    def metric(self) -> str:
+        """What picks the best epoch: accuracy, micro-F1 (multi-label) or Pearson's r (regression)."""
+        return self.METRICS[self.options.problem_type]
+
     def problems(self, config) -> list[str]:
         return self.options.problems(config)
+
+    @property
+    def problem_type(self) -> str:
+        return self.options.problem_type
+
+    @property
+    def predicts_numbers(self) -> bool:
+        """Regression: no classes (the core's class-variety check does not apply)."""
+        return self.options.problem_type == "regression"
 
     def stream(self, path: str) -> Iterator[SentenceExample]:
         check_text_file(path)  # file not found / empty / not UTF-8, anywhere in the file, before parsing
         kind = _format(path)
         reader = read_jsonl(path, self.options) if kind == "jsonl" else read_delimited(path, kind, self.options)
-        count = 0
+        count, first_kind = 0, None
         for example in reader:
             count += 1
+            if example.label is not None:
+                label_kind = "a list of labels" if isinstance(example.label, list) else "a single label"
+                if first_kind is None:
+                    first_kind = (label_kind, example.line)
+                elif label_kind != first_kind[0] and self.options.problem_type == "auto":
+                    raise DataError(path, example.line, f"this record has {label_kind}, but the first one (line "
+                                    f"{first_kind[1]}) has {first_kind[0]}",
+                                    'give every record a list (["a"], or [] for none) for multi-label data, or '
+                                    "a single label for single-label data")
             yield example
         if not count:
             raise DataError(path, None, "no examples found",
                             f"TSV/CSV: a header with {self.options.text_column or 'sentence'!r} and "
                             f"{self.options.label_column!r} "
                             "then one row per example; JSONL: one object per line")
+
+    # ---------------------------------------------------------------------------------------- problem type
+    def fit_to_data(self, train_examples) -> None:
+        """Settle the problem type from the training labels (unless --problem_type names it), print it and record
+        it in the options (saved in config.json and the model folder); for regression, the training targets'
+        mean and standard deviation that standardise them."""
+        requested = self.options.problem_type
+        lists = scalars = numbers = non_integers = 0
+        first_list = first_scalar = first_non_number = None
+        values = []
+        for example in train_examples:
+            label = example.label
+            if isinstance(label, list):
+                lists += 1
+                first_list = first_list or example
+                continue
+            scalars += 1
+            first_scalar = first_scalar or example
+            value = _number(label)
+            if value is None:
+                first_non_number = first_non_number or example
+                continue
+            numbers += 1
+            values.append(value)
+            non_integers += not INTEGER.fullmatch(label)
+        if requested == "auto":
+            if lists and scalars:
+                example = first_scalar if first_list.line < first_scalar.line else first_list
+                raise DataError(example.path, example.line, "the training labels mix lists (multi-label) and single "
+                                "labels", 'give every record a list (["a"], or [] for none), or pass --problem_type')
+            if lists:
+                chosen, why = "multi_label", "a list of labels per example"
+            elif non_integers and not first_non_number:
+                chosen, why = "regression", "every label is a number and some are not integers"
+            elif non_integers and numbers >= 0.9 * scalars:
+                example = first_non_number
+                raise DataError(example.path, example.line, f"the label {example.label!r} is not a number, while "
+                                f"{numbers} of the {scalars} training labels are (regression data?)",
+                                "fix or remove the row, or pass --problem_type single_label to treat the labels as "
+                                "classes")
+            else:
+                chosen, why = "single_label", "one label per example" + (
+                    " (integer labels are classes: pass --problem_type regression to predict them as numbers)"
+                    if numbers == scalars and scalars else "")
+            print(f"problem type: {chosen} ({why}; --problem_type chooses another)")
+            self.options.problem_type = chosen
+        else:
+            print(f"problem type: {requested} (--problem_type)")
+        if self.options.problem_type == "single_label" and first_list is not None:
+            raise DataError(first_list.path, first_list.line, "a list of labels in a single-label file",
+                            "give one label per example, or pass --problem_type multi_label (or auto)")
+        if self.options.problem_type == "regression":
+            if first_list is not None:
+                raise DataError(first_list.path, first_list.line, "a list of labels in a regression file",
+                                "give one number per example")
+            if first_non_number is not None:
+                raise DataError(first_non_number.path, first_non_number.line,
+                                f"the label {first_non_number.label!r} is not a number (regression)",
+                                "give a number such as 3.5, or fix the row")
+            mean = sum(values) / len(values)
+            spread = (sum((value - mean) ** 2 for value in values) / len(values)) ** 0.5
+            if not spread:
+                example = first_scalar
+                raise DataError(example.path, None, f"every training target is {values[0]:g}: nothing to learn",
+                                "check the label column and the file")
+            self.target_stats = (mean, spread)
+            print(f"regression targets: mean {mean:.6g}, standard deviation {spread:.6g} over {len(values)} "
+                  "training examples (trained standardised, reported in these units)")
+
+    def labels_of(self, example) -> list[str]:
+        """The example's gold labels: one class, a (possibly empty) list of labels, or none for regression."""
+        if self.options.problem_type == "regression":
+            return []
+        label = example.label
+        if isinstance(label, list):
+            return list(label)
+        return [] if label is None else [label]
+
+    def build_labels(self, train_examples, declared: list[str] | None = None) -> list[str]:
+        """Classes (single-label), the labels that occur (multi-label), or the one output named after the label
+        column (regression)."""
+        if self.options.problem_type == "regression":
+            return [self.options.label_column]
+        if self.options.problem_type == "multi_label":
+            seen = {label for example in train_examples for label in self.labels_of(example)}
+            return list(declared) if declared is not None and seen <= set(declared) else self.order_labels(seen)
+        return super().build_labels(train_examples, declared)
+
+    def head_options(self) -> dict:
+        problem = self.options.problem_type
+        if problem == "multi_label":
+            return {"problem_type": problem, "threshold": self.options.threshold}
+        if problem == "regression":
+            mean, scale = getattr(self, "target_stats", (0.0, 1.0))
+            return {"problem_type": problem, "target_mean": mean, "target_scale": scale,
+                    "regression_loss": self.options.regression_loss}
+        return {}
 
     def from_hub(self, dataset, split: str) -> list[SentenceExample]:
         """A `datasets` split, e.g. glue/sst2 (sentence, label as ClassLabel ids, idx). GLUE test splits hide
@@ -481,11 +806,41 @@ class SentenceTask(ClassificationTask):
         for index, example in enumerate(examples):
             feature = {key: encoded[key][index] for key in keys}
             if example.label is not None:
-                feature["labels"] = label_ids.get(example.label, -100)
+                feature["labels"] = self._target(example, label_ids)
             inputs.append(feature)
         return Features(inputs, list(range(len(examples))), [len(feature["input_ids"]) for feature in inputs])
 
+    def _target(self, example: SentenceExample, label_ids: dict[str, int]):
+        """The training target: a class id (-100 for a class the model lacks), a 0/1 float per label
+        (multi-label), or the number (regression); a label of the wrong kind is a DataError naming its line."""
+        problem, label = self.options.problem_type, example.label
+        if problem == "multi_label":
+            targets = [0.0] * len(label_ids)
+            for item in (label if isinstance(label, list) else [label]):
+                if item in label_ids:
+                    targets[label_ids[item]] = 1.0
+            return targets
+        if isinstance(label, list):
+            kind = "regression" if problem == "regression" else "single-label"
+            raise DataError(example.path, example.line, f"a list of labels ({json.dumps(label, ensure_ascii=False)})"
+                            f" in a {kind} file", "give one label per example"
+                            + (", or train with --problem_type multi_label" if kind == "single-label" else ""))
+        if problem == "regression":
+            value = _number(label)
+            if value is None:
+                raise DataError(example.path, example.line, f"the label {label!r} is not a number (this is a "
+                                "regression model)", "give a number such as 3.5, or fix the row")
+            return value
+        return label_ids.get(label, -100)
+
     # ---------------------------------------------------------------------------------------- scoring
+    def evaluate(self, examples, features, outputs, labels, source) -> Evaluation:
+        if self.options.problem_type == "multi_label":
+            return self._evaluate_multi_label(examples, features, outputs, labels, source)
+        if self.options.problem_type == "regression":
+            return self._evaluate_regression(examples, features, outputs, source)
+        return super().evaluate(examples, features, outputs, labels, source)
+
     def score_labels(self, gold, predicted, labels, source, features) -> tuple[dict, str]:
         scores = classification_report_dict(gold, predicted, labels)
         metrics = {key: scores[key] for key in ("accuracy", "macro_f1", "macro_precision", "macro_recall",
@@ -498,6 +853,58 @@ class SentenceTask(ClassificationTask):
             format_confusion(matrix, labels),
         ])
         return metrics, report
+
+    def predicted_labels(self, examples, features, outputs, labels) -> list:
+        """One class, the list of labels on (multi-label), or the value (regression) per example."""
+        rows = self.per_example(examples, features, outputs)
+        if self.options.problem_type == "multi_label":
+            return [[label for label, on in zip(labels, output["pred"]) if on] for output in rows]
+        if self.options.problem_type == "regression":
+            return [float(output["pred"]) for output in rows]
+        return [labels[int(output["pred"])] for output in rows]
+
+    def _evaluate_multi_label(self, examples, features, outputs, labels, source) -> Evaluation:
+        predicted = self.predicted_labels(examples, features, outputs, labels)
+        gold = [self.labels_of(example) for example in examples]
+        scores = multi_label_report_dict(gold, predicted, labels)
+        metrics = {key: value for key, value in scores.items() if key != "per_label"}
+        for label, row in scores["per_label"].items():
+            metrics.update({f"{label}_{key}": value for key, value in row.items()})
+        rows = self.per_example(examples, features, outputs)
+        thresholds = [float(value) for value in rows[0]["thresholds"]] if rows else []
+        report = "\n".join([
+            f"scored file: {source} ({len(examples)} examples; multi-label, {len(labels)} labels)",
+            format_multi_label_report(scores), "",
+            "decision thresholds (label on when its probability >= the threshold): "
+            + ", ".join(f"{label} {value:.3f}" for label, value in zip(labels, thresholds)),
+            "temperature calibration: single-label only (multi-label probabilities are the model's own sigmoids)",
+        ])
+        return Evaluation(metrics, report, predicted, None, None)
+
+    def _evaluate_regression(self, examples, features, outputs, source) -> Evaluation:
+        predicted = self.predicted_labels(examples, features, outputs, [])
+        gold = [float(_number(example.label)) for example in examples]
+        scores = regression_report_dict(gold, predicted)
+        report = "\n".join([
+            f"scored file: {source} ({len(examples)} examples; regression, in the targets' own units)",
+            format_regression_report(scores),
+            "temperature calibration: single-label only (a regression output has no probabilities)",
+        ])
+        return Evaluation(dict(scores), report, predicted, None, None)
+
+    def confidences(self, examples, features, outputs, labels):
+        if self.options.problem_type in ("multi_label", "regression"):
+            return None  # temperature calibration is for single-label softmax confidences only
+        return super().confidences(examples, features, outputs, labels)
+
+    def write_predictions(self, path: str, examples, predictions) -> None:
+        if self.options.problem_type not in ("multi_label", "regression"):  # single-label (or not yet resolved)
+            return super().write_predictions(path, examples, predictions)
+        gold = [float(_number(example.label)) if self.options.problem_type == "regression"
+                else self.labels_of(example) for example in examples]
+        atomic_write_lines(path, [json.dumps({"id": example.id, "gold": target, "pred": prediction},
+                                             ensure_ascii=False)
+                                  for example, target, prediction in zip(examples, gold, predictions)])
 
     # ---------------------------------------------------------------------------------------- raw text
     def _input_example(self, number: int, item) -> SentenceExample:
@@ -519,13 +926,32 @@ class SentenceTask(ClassificationTask):
         return [self._input_example(number, item) for number, item in enumerate(inputs, start=1)]
 
     def results(self, examples, features, outputs, labels) -> list[dict]:
-        """{"text", ("text_pair"), "label", "probabilities": {label: p}} per input."""
+        """Per input: {"text", ("text_pair"), "label", "probabilities": {label: p}} (single-label; integer labels
+        stay integers); {"text", "labels": [labels on], "probabilities": {label: p}} (multi-label, the per-label
+        sigmoids); {"text", "value": number} (regression, in the targets' units)."""
         results, typed = [], label_typer(labels)
+        problem = self.options.problem_type
         for example, output in zip(examples, self.per_example(examples, features, outputs)):
             result = {"text": example.text}
             if example.text_pair is not None:
                 result["text_pair"] = example.text_pair
-            result["label"] = typed(labels[int(output["pred"])])
-            result["probabilities"] = self.probabilities(output, labels)
+            if problem == "regression":
+                result["value"] = float(output["pred"])
+            elif problem == "multi_label":
+                result["labels"] = [label for label, on in zip(labels, output["pred"]) if on]
+                result["probabilities"] = self.probabilities(output, labels)
+            else:
+                result["label"] = typed(labels[int(output["pred"])])
+                result["probabilities"] = self.probabilities(output, labels)
             results.append(result)
         return results
+
+    # ---------------------------------------------------------------------------------------- --check_data
+    def data_notes(self, split: str, examples, features, tokenizer) -> list[str]:
+        """Multi-label: label cardinality, empty label lists, rare labels, the most frequent co-occurrences.
+        Regression: range, distribution and the non-numbers (none: they are refused by line)."""
+        if self.options.problem_type == "multi_label":
+            return multi_label_notes([self.labels_of(example) for example in examples])
+        if self.options.problem_type == "regression":
+            return regression_notes([_number(example.label) for example in examples])
+        return []
