@@ -18,6 +18,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+import yaml
+
 from .errors import UsageError
 from .losses import LOSSES, class_weight_problems
 
@@ -170,7 +173,6 @@ class TrainConfig:
         if self.dataset_name and self.train_file:
             bad("dataset_name", "contradicts --train_file; give one of them")
         if self.mixed_precision == "fp16":
-            import torch
 
             if not torch.cuda.is_available():
                 bad("mixed_precision fp16", "needs a CUDA GPU (none found); use bf16 (CPUs with AVX-512 BF16 run it "
@@ -242,7 +244,6 @@ def read_config_file(path: str) -> dict:
         if path.endswith(".json"):
             values = json.loads(text)
         else:
-            import yaml
 
             values = yaml.safe_load(text)
     except Exception as error:  # yaml and json raise different classes

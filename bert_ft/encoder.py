@@ -8,6 +8,7 @@ import os
 import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from .config import OFFLINE_DEFAULT_MODEL
 from .errors import UsageError
@@ -66,7 +67,6 @@ def load_pretrained(model_class, name_or_path: str, trust_remote_code: bool = Fa
     """`model_class.from_pretrained` with offline-friendly errors (weights via safetensors or weights_only).
     Quiet unless --verbose: transformers' load report is replaced by one line to `log` (`load_summary`; nothing
     without a `log`)."""
-    from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(name_or_path)
     previous = hf_logging.get_verbosity()

@@ -20,10 +20,12 @@ turns that into what a given transformers encoder needs:
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
 from .checks import PADDING_OFFSET_MODEL_TYPES
@@ -131,7 +133,6 @@ def prefix_space_for_words(tokenizer: Any) -> bool:
     previous one ("Berger" -> B, er, ger instead of ĠBerger). The flag goes into the backend's pre-tokenizer and
     the tokenizer's saved settings, so a saved folder (and transformers.pipeline on it) reads text the same way:
     each word, the first included, as following a space (what HF's run_ner.py does for RoBERTa)."""
-    import json
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or backend.pre_tokenizer is None:
@@ -140,7 +141,6 @@ def prefix_space_for_words(tokenizer: Any) -> bool:
     nodes = [node for node in _byte_level_nodes(state.get("pre_tokenizer")) if not node["add_prefix_space"]]
     if not nodes:
         return False
-    from tokenizers import Tokenizer
 
     for node in nodes:
         node["add_prefix_space"] = True

@@ -19,9 +19,16 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import os
 import re
 from typing import Callable
+
+import torch
+import transformers as tf
+from tokenizers import (ByteLevelBPETokenizer, SentencePieceUnigramTokenizer, Tokenizer, decoders, models,
+                        normalizers, pre_tokenizers, processors, trainers)
+from transformers import AutoModel, PreTrainedTokenizerFast
 
 FAMILIES = ("bert", "bert-cased", "roberta", "xlm-roberta", "deberta-v3", "electra", "distilbert", "albert",
             "modernbert")
@@ -67,7 +74,6 @@ def corpus() -> list[str]:
 # ------------------------------------------------------------------------------------------------ tokenizers
 
 def _wordpiece_vocab(lowercase: bool) -> dict[str, int]:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
@@ -86,11 +92,9 @@ def _minilm_vocab() -> dict[str, int]:
 
 def _byte_bpe(special: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocab, merges) of a byte-level BPE trained with `special` first (ids 0, 1, ...)."""
-    from tokenizers import ByteLevelBPETokenizer
 
     tokenizer = ByteLevelBPETokenizer(add_prefix_space=False)
     tokenizer.train_from_iterator(corpus(), vocab_size=VOCAB_SIZE, special_tokens=special, show_progress=False)
-    import json
 
     model = json.loads(tokenizer._tokenizer.to_str())["model"]
     merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
@@ -99,9 +103,7 @@ def _byte_bpe(special: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]
 
 def _unigram(special: list[str], lowercase: bool = False) -> list[tuple[str, float]]:
     """A SentencePiece-style Unigram vocabulary [(piece, log-probability)] with `special` first (ids 0, 1, ...)."""
-    import json
 
-    from tokenizers import SentencePieceUnigramTokenizer
 
     tokenizer = SentencePieceUnigramTokenizer()
     text = [sentence.lower() for sentence in corpus()] if lowercase else corpus()
@@ -113,8 +115,6 @@ def _unigram(special: list[str], lowercase: bool = False) -> list[tuple[str, flo
 
 def _modernbert_tokenizer():
     """A byte-level BPE PreTrainedTokenizerFast with ModernBERT's special tokens and template ([CLS] A [SEP])."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab, merges = _byte_bpe(special)
@@ -132,7 +132,6 @@ def _modernbert_tokenizer():
 
 def build_tokenizer(family: str):
     """The family's fast tokenizer class over a vocabulary trained (or, BERT uncased, packaged) offline."""
-    import transformers as tf
 
     if family in ("bert", "distilbert"):
         kind = tf.BertTokenizer if family == "bert" else tf.DistilBertTokenizer
@@ -158,7 +157,6 @@ def build_tokenizer(family: str):
 # ------------------------------------------------------------------------------------------------ models
 
 def build_config(family: str, tokenizer, size: str = "tiny"):
-    import transformers as tf
 
     dims = SIZES[size]
     common = {"vocab_size": len(tokenizer), "hidden_size": dims["hidden"], "num_hidden_layers": dims["layers"],
@@ -199,8 +197,6 @@ def build_config(family: str, tokenizer, size: str = "tiny"):
 
 def build_family(family: str, folder: str, size: str = "tiny", seed: int = 0) -> str:
     """Write a randomly initialised `family` encoder (AutoModel weights) and its tokenizer to `folder`."""
-    import torch
-    from transformers import AutoModel
 
     tokenizer = build_tokenizer(family)
     config = build_config(family, tokenizer, size)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import time
 
+from accelerate.utils import broadcast_object_list
+
 from .data import require_file
 
 RUNS_ROOT = "runs"
@@ -66,7 +68,6 @@ def same_on_every_process(accelerator, folder: str) -> str:
     """The main process's choice of folder on every process (each process picked a name from its own clock)."""
     if accelerator.num_processes == 1:
         return folder
-    from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([folder])[0]
 

@@ -14,6 +14,8 @@ import os
 import warnings
 from typing import Iterator
 
+from transformers.utils import logging as hf_logging
+
 _VERBOSE = False
 
 
@@ -22,7 +24,6 @@ def set_verbose(on: bool) -> None:
     model that loads in a second needs no bar) and its warnings. The epoch bars are bert-ft's and stay."""
     global _VERBOSE
     _VERBOSE = bool(on)
-    from transformers.utils import logging as hf_logging
 
     if _VERBOSE:
         hf_logging.enable_progress_bar()
