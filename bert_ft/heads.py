@@ -412,5 +412,10 @@ def load_model(folder: str, tasks: dict) -> tuple[Head, Any, dict]:
     if is_export_folder(folder):
         return load_exported(folder, tasks)
     task_type, meta = task_of(folder, tasks)
-    model = task_type.head_type.load(folder, meta)
+    if "adapter" in meta:  # RUN/adapter of a --lora_r run: base model + adapter, merged for inference
+        from .lora import load_adapter
+
+        model = load_adapter(folder, task_type.head_type, meta, merge=True)
+    else:
+        model = task_type.head_type.load(folder, meta)
     return model.eval(), load_tokenizer(folder), meta

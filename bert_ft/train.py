@@ -42,6 +42,7 @@ from .calibration import calibrate, calibration_section, expected_calibration_er
 from .heads import has_score_seam, read_meta, save_model, write_temperature
 from .inference import decode_batches, eval_loader, infer, score_batches
 from .io import atomic_write_json, atomic_write_text
+from .lora import ADAPTER_DIR, apply_lora, load_adapter, merged, model_folders, save_adapter, trainable_parameters
 from .losses import format_weights, label_counts, resolve_class_weights
 from .optim import build_optimizer, format_groups, parameter_groups, set_frozen, unfreeze_all
 from .report import write_plots
@@ -390,6 +391,9 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
     if config.init_from:
         transfer_encoder(model, config.init_from, log)
     set_frozen(model, config.freeze_encoder, config.freeze_layers)
+    if config.lora_r:  # after --init_from: the adapters start from its weights
+        apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
+                   resolve_model_path(config.model_name_or_path), config.trust_remote_code, log)
     groups = parameter_groups(model, config.learning_rate, config.head_learning_rate, config.layer_lr_decay,
                               config.weight_decay)
     log(format_groups(groups))
@@ -756,7 +760,11 @@ def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict
 
     def save_best() -> None:
         if accelerator.is_main_process:
-            save_model(training.network, data.tokenizer, model_dir, task.name, meta)
+            if not config.lora_r or config.lora_merge:
+                save_model(merged(training.network), data.tokenizer, model_dir, task.name, meta)
+            if config.lora_r:
+                save_adapter(training.network, data.tokenizer, os.path.join(config.output_dir, ADAPTER_DIR),
+                             task.name, meta, config.model_name_or_path, config.init_from)
 
     lengths = data.features["train"].lengths
     for epoch in range(state.epoch, training.epochs):
@@ -783,7 +791,9 @@ def final_scoring(task: Task, config: TrainConfig, data: Data, training: Trainin
     # Training is over (the checkpoints hold the optimiser): free AdamW's two moment buffers, as large as the model,
     # before a second copy of the weights is loaded, so the end of the run stays under the training peak.
     training.optimizer.state.clear()
-    best = task.head_type.load(model_dir, read_meta(model_dir))
+    adapter_dir = os.path.join(config.output_dir, ADAPTER_DIR)
+    best = load_adapter(adapter_dir, task.head_type, read_meta(adapter_dir)) if config.lora_r else \
+        task.head_type.load(model_dir, read_meta(model_dir))
     training.network.load_state_dict(best.state_dict())
     del best
     metrics = _final_metrics(state, data, accelerator, training)
@@ -798,6 +808,7 @@ def final_scoring(task: Task, config: TrainConfig, data: Data, training: Trainin
         evaluation, _, seconds = evaluations[split]
         metrics.update({f"{prefix}_{key}": value for key, value in evaluation.metrics.items()})
         metrics[f"{prefix}_runtime"] = round(seconds, 3)
+        metrics[f"{prefix}_samples"] = len(getattr(data.splits, split))
         metrics[f"{prefix}_samples_per_second"] = round(len(getattr(data.splits, split)) / max(seconds, 1e-9), 2)
         report_sections.append(f"== {split}: {data.splits.sources[split]} ==\n{evaluation.report}")
         if split == "test":
@@ -807,9 +818,10 @@ def final_scoring(task: Task, config: TrainConfig, data: Data, training: Trainin
     if section:
         report_sections.append(section)
     if calibration and accelerator.is_main_process:
-        write_temperature(model_dir, calibration["temperature"],
-                          {**calibration, "fitted_on": data.splits.sources["validation"],
-                           **{key: metrics[key] for key in ("eval_ece", "eval_ece_calibrated") if key in metrics}})
+        for folder in model_folders(config.output_dir):
+            write_temperature(folder, calibration["temperature"],
+                              {**calibration, "fitted_on": data.splits.sources["validation"],
+                               **{key: metrics[key] for key in ("eval_ece", "eval_ece_calibrated") if key in metrics}})
     report_sections.append(_speed_section(metrics))
     if accelerator.is_main_process:
         if test_evaluation is not None:
@@ -843,6 +855,7 @@ def _final_metrics(state: TrainerState, data: Data, accelerator: Accelerator, tr
         "precision": precision_name(accelerator),
         "packing": training.packing,
         "train_loss": state.history[-1]["train_loss"] if state.history else None,
+        "trainable_parameters": trainable_parameters(training.network),
     }
 
 
