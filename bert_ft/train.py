@@ -42,11 +42,13 @@ from .calibration import calibrate, calibration_section, expected_calibration_er
 from .heads import has_score_seam, read_meta, save_model, write_temperature
 from .inference import decode_batches, eval_loader, infer, score_batches
 from .io import atomic_write_json, atomic_write_text
+from .modelcard import write_model_cards
 from .lora import ADAPTER_DIR, apply_lora, load_adapter, merged, model_folders, save_adapter, trainable_parameters
 from .losses import format_weights, label_counts, resolve_class_weights
 from .optim import build_optimizer, format_groups, parameter_groups, set_frozen, unfreeze_all
 from .report import write_plots
 from .task import Evaluation, Features, Task
+from .trackers import Throughput, accelerator_kwargs, epoch_values, log_final, start_trackers
 
 RUN_MARKERS = ("metrics.json", "config.json", "model", "report.txt")
 SPLITS = ("train", "validation", "test")
@@ -294,9 +296,7 @@ def precision_name(accelerator: Accelerator) -> str:
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    kwargs: dict[str, Any] = {}
-    if config.report_to != "none":
-        kwargs.update(log_with=config.report_to, project_dir=config.output_dir)
+    kwargs: dict[str, Any] = accelerator_kwargs(config.report_to, config.output_dir)
     if config.torch_compile:
         kwargs["dynamo_backend"] = "inductor"
     # cpu=True when there is no GPU: only then does Accelerate form a multi-process (gloo) group on CPUs.
@@ -546,13 +546,14 @@ def train_epoch(epoch: int, training: Training, state: TrainerState, config: Tra
     # which after a resume (or on a skip loader) would otherwise not be this epoch.
     loader.set_epoch(epoch)
     epoch_batches = training.sampler.batches()  # the same on every process
-    monitor = LossMonitor(accelerator, state)
+    monitor, throughput = LossMonitor(accelerator, state), Throughput(accelerator.num_processes)
     batches = len(training.train_loader)
     progress = tqdm(total=batches, initial=state.batches_in_epoch, desc=f"epoch {epoch + 1}",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     start = time.perf_counter()
     for batch in rng_neutral(loader):
         batch.pop("feature_index")
+        throughput.add(batch)
         loss = train_step(accelerator, model, batch, training.optimizer, training.scheduler, training.adversary,
                           config.max_grad_norm)
         monitor.add(loss, state.global_step + 1)
@@ -571,7 +572,7 @@ def train_epoch(epoch: int, training: Training, state: TrainerState, config: Tra
             mean_loss = monitor.fold()
             lr = training.scheduler.get_last_lr()[-1]
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-            accelerator.log({"train_loss": mean_loss, "lr": lr}, step=state.global_step)
+            accelerator.log({"train_loss": mean_loss, "lr": lr, **throughput.read()}, step=state.global_step)
         if saving_point:
             state.train_seconds += time.perf_counter() - start
             monitor.fold()
@@ -701,7 +702,7 @@ def end_of_epoch(epoch: int, training: Training, task: Task, data: Data, state: 
         improved = state.best_metric is None or score > state.best_metric
         training.accelerator.print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, validation "
                                    f"{task.metric} {score:.4f}{' (best so far)' if improved else ''}")
-        training.accelerator.log({f"eval_{task.metric}": score}, step=state.global_step)
+        training.accelerator.log(epoch_values(record, evaluation.metrics), step=state.global_step)
     state.history.append(record)
     if improved:
         state.best_metric, state.best_epoch = record.get(f"eval_{task.metric}"), epoch + 1
@@ -718,8 +719,10 @@ def end_of_epoch(epoch: int, training: Training, task: Task, data: Data, state: 
     return False
 
 
-def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict:
-    """Train, pick the best epoch on validation, score test, write the run folder; returns metrics.json."""
+def run(task: Task, config: TrainConfig, task_module: str | None = None, on_epoch=None) -> dict:
+    """Train, pick the best epoch on validation, score test, write the run folder; returns metrics.json.
+    `on_epoch(record)` (the hyperparameter search's pruning hook) sees each epoch's history record after
+    validation; returning True ends training there, as early stopping does."""
     check_output_dir_path(config.output_dir)
     accelerator = make_accelerator(config)
     log = accelerator.print
@@ -733,9 +736,7 @@ def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict
     if accelerator.device.type == "cpu":
         reuse_freed_memory()  # after the data stage: training's large blocks are reused instead of re-faulted
     training = build_training(task, config, data, accelerator, log)
-    if config.report_to != "none":
-        accelerator.init_trackers("bert_ft", config={key: value for key, value in to_dict(config).items()
-                                                     if isinstance(value, (int, float, str, bool))})
+    start_trackers(accelerator, config, {"task": task.name, **to_dict(config), **to_dict(task.options)})
     state = TrainerState()
     if config.resume_from_checkpoint:
         checkpoint = find_checkpoint(config)
@@ -752,7 +753,8 @@ def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict
                            "max_seq_length": data.max_seq_length, "precision": precision,
                            "packing": training.packing, "class_weights_resolved": training.class_weights,
                            "resolved_model_path": resolve_model_path(config.model_name_or_path),
-                           "num_processes": accelerator.num_processes, "labels": data.labels})
+                           "num_processes": accelerator.num_processes, "labels": data.labels,
+                           "data_sources": data.splits.sources})
 
     model_dir = os.path.join(config.output_dir, "model")
     meta = {"max_seq_length": data.max_seq_length, "task_options": to_dict(task.options),
@@ -772,13 +774,15 @@ def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict
             unfreeze_all(training.network)
             log(f"epoch {epoch + 1}: encoder unfrozen")
         train_epoch(epoch, training, state, config, lengths)
-        if end_of_epoch(epoch, training, task, data, state, config, save_best):
+        if end_of_epoch(epoch, training, task, data, state, config, save_best) or \
+                (on_epoch is not None and on_epoch(state.history[-1])):
             break
         if config.max_steps and state.global_step >= config.max_steps:
             log(f"--max_steps {config.max_steps} reached (epoch {epoch + 1})")
             break
     accelerator.wait_for_everyone()
     metrics = final_scoring(task, config, data, training, state, model_dir)
+    log_final(accelerator, metrics, state.global_step)
     accelerator.end_training()
     return metrics
 
@@ -829,6 +833,7 @@ def final_scoring(task: Task, config: TrainConfig, data: Data, training: Trainin
                                    test_evaluation.predictions)
         atomic_write_text(os.path.join(config.output_dir, "report.txt"), "\n\n".join(report_sections) + "\n")
         atomic_write_json(os.path.join(config.output_dir, "metrics.json"), metrics)
+        write_model_cards(config.output_dir)
         write_plots(config.output_dir, state.history, task.metric,
                     test_evaluation.confusion if test_evaluation else None)
         accelerator.print("\n\n".join(report_sections[2:]))
