@@ -133,6 +133,11 @@ def main(tasks: dict, argv: list[str] | None = None) -> int:
         if config.check_data:
             check_data_command(extra, config)
             return 0
+        if config.hp_search:
+            from .hpsearch import search
+
+            search(extra, config, task_module=modules[0] if modules else None)
+            return 0
         from .train import run
 
         run(extra, config, task_module=modules[0] if modules else None)

@@ -188,9 +188,6 @@ class TrainConfig:
         if self.hp_search < 0:
             bad("hp_search", f"must be >= 0, got {self.hp_search}")
         if self.hp_search:
-            if not (self.validation_file or self.validation_split):
-                bad("hp_search", "needs a validation set to score the trials on (the test split is never read by a "
-                    "search): give --validation_file or --validation_split")
             if self.dataset_name:
                 bad("hp_search", "with --dataset_name the Hub loader reads the test split too; download the "
                     "files and give --train_file/--validation_file")
