@@ -127,6 +127,17 @@ def test_lora_run_trains_only_adapters_and_resumes_exactly(tiny_model_dir, tmp_p
     assert metrics["trainable_parameters"] == 2 * LAYERS * RANK * 2 * HIDDEN + HIDDEN * count + count + 2 * count \
         + count * count
 
+    from huggingface_hub import ModelCard
+
+    adapter_card, merged_card = (ModelCard.load(os.path.join(run, name, "README.md")) for name in ("adapter", "model"))
+    assert adapter_card.data.library_name == "peft" and merged_card.data.library_name == "transformers"
+    assert {"lora", "peft"} <= set(adapter_card.data.tags)
+    results = {(result.dataset_split, result.metric_type): result.metric_value
+               for result in adapter_card.data.eval_results}
+    assert results[("validation", "f1")] == metrics["eval_f1"] and results[("test", "f1")] == metrics["test_f1"]
+    assert results == {(result.dataset_split, result.metric_type): result.metric_value
+                       for result in merged_card.data.eval_results}
+
     capsys.readouterr()
     outputs = []
     for folder in ("model", "adapter"):
