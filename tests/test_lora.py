@@ -155,3 +155,25 @@ def test_lora_run_trains_only_adapters_and_resumes_exactly(tiny_model_dir, tmp_p
     again = json.load(open(os.path.join(resumed, "metrics.json")))
     keys = ("eval_f1", "test_f1", "train_loss", "test_precision")
     assert {key: again[key] for key in keys} == {key: metrics[key] for key in keys}
+
+
+@pytest.mark.parametrize("family, expected", [("bert", ["query", "value"]), ("roberta", ["query", "value"]),
+                                              ("distilbert", ["q_lin", "v_lin"]),
+                                              ("deberta-v2", ["query_proj", "value_proj"]),
+                                              ("electra", ["query", "value"])])
+def test_default_target_modules_follow_the_encoder_family(family, expected):
+    """The default adapts the family's attention query/value projections, found by their names in the model."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    from bert_ft.lora import default_target_modules, head_layers
+
+    config = AutoConfig.for_model(family, vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, dim=16, n_layers=1, n_heads=2, hidden_dim=32, num_labels=3)
+    model = AutoModelForTokenClassification.from_config(config)
+    assert sorted(default_target_modules(model)) == sorted(expected)
+    assert head_layers(model) == ["classifier"]
+    from bert_ft.lora import target_modules
+
+    assert target_modules(model, expected[0]) == [expected[0]]
+    with pytest.raises(UsageError, match="--lora_target_modules: no module named nope"):
+        target_modules(model, ",".join([expected[0], "nope"]))
