@@ -15,12 +15,14 @@ numbers continue. At the end: --output_dir/best.yaml (the flags to pass to --con
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import os
 import warnings
 from typing import Any
+from unittest import mock
 
 from .config import TrainConfig, read_config_file
 from .errors import TrainingDiverged, UsageError
@@ -175,11 +177,13 @@ def counted(study) -> int:
 
 def search(task: Any, config: TrainConfig, task_module: str | None = None) -> Any:
     """Run the search to N counted trials; returns the study (None on other processes than the main one)."""
+    import torch
     from accelerate import PartialState
 
     from .train import RUN_MARKERS, run
 
-    state = PartialState()
+    # cpu=True without a GPU, as train.make_accelerator does: only then does Accelerate form the (gloo) group on CPUs
+    state = PartialState(cpu=not torch.cuda.is_available())
     main = state.is_main_process
     log = print if main else (lambda *_: None)
     present = [name for name in RUN_MARKERS if os.path.exists(os.path.join(config.output_dir, name))]
@@ -199,6 +203,31 @@ def search(task: Any, config: TrainConfig, task_module: str | None = None) -> An
     log(f"search: {config.hp_search} trials over {', '.join(space)}; study {study_path}"
         + (f" ({config.hp_search - remaining} done, {max(remaining, 0)} to go)" if remaining < config.hp_search
            else ""))
+    with keep_process_group(state):
+        study = _trials(study, remaining, space, task, config, task_module, main, log, run)
+    if main:
+        write_results(study, task, config, metric)
+    return study
+
+
+@contextlib.contextmanager
+def keep_process_group(state: Any):
+    """Several processes: Accelerator.end_training, which every trial's run calls, destroys the process group that
+    the next trial (and the broadcasts between trials) need; keep it until the search ends."""
+    if state.num_processes == 1:
+        yield
+        return
+    from accelerate.state import PartialState
+
+    with mock.patch.object(PartialState, "destroy_process_group", lambda self, group=None: None):
+        yield
+    state.destroy_process_group()
+
+
+def _trials(study, remaining: int, space: dict, task: Any, config: TrainConfig, task_module: str | None, main: bool,
+            log, run):
+    """Run `remaining` trials (see `search`); the main process asks Optuna and tells it the outcome."""
+    metric = f"eval_{task.metric}"
     while remaining > 0:
         import optuna
 
@@ -236,8 +265,6 @@ def search(task: Any, config: TrainConfig, task_module: str | None = None) -> An
                 else:
                     study.tell(trial, metrics[metric])
         remaining -= 1
-    if main:
-        write_results(study, task, config, metric)
     return study
 
 

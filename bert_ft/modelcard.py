@@ -105,6 +105,9 @@ def _model_config(folder: str, config: dict) -> dict | None:
                       os.path.join(config.get("output_dir", ""), "model", "config.json")):
         if os.path.isfile(candidate):
             return _read(candidate)
+    adapter = os.path.join(folder, "adapter_config.json")  # --lora_merge false: peft's task type says it
+    if os.path.isfile(adapter) and _read(adapter).get("task_type") == "TOKEN_CLS":
+        return {"architectures": ["AdapterForTokenClassification"]}
     return None
 
 

@@ -42,9 +42,9 @@ from .calibration import calibrate, calibration_section, expected_calibration_er
 from .heads import has_score_seam, read_meta, save_model, write_temperature
 from .inference import decode_batches, eval_loader, infer, score_batches
 from .io import atomic_write_json, atomic_write_text
-from .modelcard import write_model_cards
 from .lora import ADAPTER_DIR, apply_lora, load_adapter, merged, model_folders, save_adapter, trainable_parameters
 from .losses import format_weights, label_counts, resolve_class_weights
+from .modelcard import write_model_cards
 from .optim import build_optimizer, format_groups, parameter_groups, set_frozen, unfreeze_all
 from .report import write_plots
 from .task import Evaluation, Features, Task
