@@ -154,7 +154,7 @@ def card_body(folder: str, config: dict, metrics: dict, meta: dict, adapter: boo
     parts += ["## Training data", _table(["split", "file", "examples"], rows)]
     changed = changed_flags(config)
     parts += ["## Training flags", "Flags that differ from bert-ft's defaults:\n\n"
-              + (_table(["flag", "value"], [[f"--{key}", value] for key, value in changed.items()]) if changed
+              + (_table(["flag", "value"], [[f"--{key}", str(value)] for key, value in changed.items()]) if changed
                  else "(none)")
               + f"\n\nTask options: `{json.dumps(meta.get('task_options', {}))}`; max_seq_length "
               f"{meta.get('max_seq_length', config.get('max_seq_length'))}; best epoch {metrics.get('best_epoch')} "
@@ -170,7 +170,8 @@ def card_body(folder: str, config: dict, metrics: dict, meta: dict, adapter: boo
         parts += ["## Calibration", f"Temperature {metrics.get('calibration_temperature', 1.0)} fitted on validation "
                   f"({metrics.get('calibration_objective', '–')} objective); expected calibration error:\n\n"
                   + _table(["split", "ECE before", "ECE after"], rows)]
-    parts += ["## Speed", _table(["measure", "value"], [[key, metrics[key]] for key in SPEED_KEYS if key in metrics])]
+    parts += ["## Speed", _table(["measure", "value"],
+                                 [[key, str(metrics[key])] for key in SPEED_KEYS if key in metrics])]
     parts += ["## Versions", f"bert-ft {version}" + "".join(f", {name} {_version(name)}"
                                                           for name in ("transformers", "torch", "peft")
                                                           if _version(name))]
