@@ -18,6 +18,7 @@ from .config import TrainConfig, add_dataclass_flags, flag, resolve
 from .data_stage import prepare_data
 from .errors import BertFtError, UsageError
 from .export import ExportConfig, export
+from .hpsearch import search
 from .model_folder import load_model
 from .plugins import ENTRY_POINT_GROUP, registered_tasks, split_task_modules, use_task_modules
 from .prediction import predict_examples, read_inputs, write_results
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if config.check_data:
             check_data_command(extra, config)
+            return 0
+        if config.hp_search:
+            search(extra, config, task_module=modules[0] if modules else None)
             return 0
         run(extra, config, task_module=modules[0] if modules else None)
         return 0

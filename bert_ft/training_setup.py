@@ -22,9 +22,11 @@ from .data_stage import Data
 from .encoder import resolve_model_path, transfer_encoder
 from .errors import UsageError
 from .inference import eval_loader
+from .lora import apply_lora
 from .losses import format_weights, label_counts, resolve_class_weights
 from .optim import build_optimizer, format_groups, parameter_groups, set_frozen, summarize_groups
 from .task import Features, Task
+from .trackers import accelerator_kwargs
 
 
 def native_bf16() -> bool:
@@ -52,9 +54,7 @@ def precision_name(accelerator: Accelerator) -> str:
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    kwargs: dict[str, Any] = {}
-    if config.report_to != "none":
-        kwargs.update(log_with=config.report_to, project_dir=config.output_dir)
+    kwargs: dict[str, Any] = accelerator_kwargs(config.report_to, config.output_dir)
     if config.torch_compile:
         kwargs["dynamo_backend"] = "inductor"
     # cpu=True when there is no GPU: only then does Accelerate form a multi-process (gloo) group on CPUs.
@@ -132,6 +132,9 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
     if config.init_from:
         transfer_encoder(model, config.init_from, log)
     set_frozen(model, config.freeze_encoder, config.freeze_layers)
+    if config.lora_r:  # after --init_from: the adapters start from its weights
+        apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
+                   resolve_model_path(config.model_name_or_path), config.trust_remote_code, log)
     groups = parameter_groups(model, config.learning_rate, config.head_learning_rate, config.layer_lr_decay,
                               config.weight_decay)
     log(format_groups(groups) if config.verbose else summarize_groups(groups))

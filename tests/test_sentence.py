@@ -402,8 +402,12 @@ def test_report_to_tensorboard_logs_loss_and_validation_metric(tiny_model_dir, t
     events = EventAccumulator(str(event_files[0].parent))
     events.Reload()
     scalars = events.Tags()["scalars"]
-    assert {"train_loss", "lr", "eval_accuracy"} <= set(scalars), scalars
-    assert [event.step for event in events.Scalars("eval_accuracy")] == [4, 8]  # after each epoch's 4 steps
+    assert {"train_loss", "lr", "eval_accuracy", "train_samples_per_second", "eval_macro_f1", "epoch"} \
+        <= set(scalars), scalars
+    # after each epoch's 4 steps, then metrics.json's value at the last step
+    assert [event.step for event in events.Scalars("eval_accuracy")] == [4, 8, 8]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert events.Scalars("eval_accuracy")[-1].value == pytest.approx(metrics["eval_accuracy"], rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ integration
