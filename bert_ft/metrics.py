@@ -52,35 +52,7 @@ def semeval_official_score(gold: list[str], pred: list[str], other_label: str = 
     """
     _check_same_length(gold, pred)
     gold_types = [relation_type(label) for label in gold]
-    pred_types = [relation_type(label) for label in pred]
-    types = sorted(set(gold_types) - {other_label})  # gold types only, like the official scorer
-
-    exact_hits_by_type = Counter(g_type for g, p, g_type in zip(gold, pred, gold_types) if g == p)
-    predicted_by_type = Counter(pred_types)
-    gold_by_type = Counter(gold_types)
-
-    per_type: dict[str, dict[str, float]] = {}
-    for type_name in types:
-        precision = _safe_divide(exact_hits_by_type[type_name], predicted_by_type[type_name])
-        recall = _safe_divide(exact_hits_by_type[type_name], gold_by_type[type_name])
-        per_type[type_name] = {
-            "precision": precision,
-            "recall": recall,
-            "f1": _f1(precision, recall),
-            "support": gold_by_type[type_name],
-        }
-
-    total_hits = sum(exact_hits_by_type[type_name] for type_name in types)
-    micro_precision = _safe_divide(total_hits, sum(predicted_by_type[type_name] for type_name in types))
-    micro_recall = _safe_divide(total_hits, sum(gold_by_type[type_name] for type_name in types))
-    return {
-        "macro_f1": _safe_divide(sum(scores["f1"] for scores in per_type.values()), len(per_type)),
-        "per_type": per_type,
-        "micro_precision": micro_precision,
-        "micro_recall": micro_recall,
-        "micro_f1": _f1(micro_precision, micro_recall),
-        "accuracy": _safe_divide(sum(g == p for g, p in zip(gold, pred)), len(gold)),
-    }
+    return _relation_scores(gold, pred, sorted(set(gold_types) - {other_label}))  # gold types only, like the scorer
 
 
 def classification_report_dict(gold: list[str], pred: list[str], labels: list[str]) -> dict:
@@ -202,11 +174,17 @@ def relation_f1(gold: list[str], pred: list[str], negative: str | None) -> dict:
     Returns {"macro_f1", "per_type": {type: {"precision", "recall", "f1", "support"}}, "micro_precision",
     "micro_recall", "micro_f1", "accuracy"}."""
     _check_same_length(gold, pred)
+    types = {relation_type(label) for label in gold} | {relation_type(label) for label in pred}
+    return _relation_scores(gold, pred, sorted(types - {negative}))
+
+
+def _relation_scores(gold: list[str], pred: list[str], types: list[str]) -> dict:
+    """Per relation type P/R/F1 over `types` (a hit is the exact label, direction included; precision counts every
+    prediction of the type), their macro average, the micro scores pooled over the same types, and exact-match
+    accuracy over all examples: what both semeval_official_score and relation_f1 return."""
     gold_types = [relation_type(label) for label in gold]
-    pred_types = [relation_type(label) for label in pred]
-    types = sorted((set(gold_types) | set(pred_types)) - {negative})
     hits = Counter(g_type for g, p, g_type in zip(gold, pred, gold_types) if g == p)
-    predicted, in_gold = Counter(pred_types), Counter(gold_types)
+    predicted, in_gold = Counter(relation_type(label) for label in pred), Counter(gold_types)
     per_type = {}
     for type_name in types:
         precision = _safe_divide(hits[type_name], predicted[type_name])
