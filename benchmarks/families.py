@@ -21,34 +21,27 @@ attention is transformers' default for every family that has it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from speed import run_speed  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
+
 SIDES = {"recipe": "recipe", "padded": "grouped", "packed": "packed"}  # this table's name -> speed.py's side
+
 DEFAULT_FAMILIES = ("bert", "roberta", "xlm-roberta", "deberta-v3", "electra", "distilbert", "albert", "modernbert")
 
 
 def run_side(folder: str, side: str, args, seed: int) -> dict:
-    result_file = tempfile.mktemp(suffix=".json")
-    command = [sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "ner", "--model_name_or_path", folder,
-               "--max_train_samples", str(args.max_train_samples), "--max_eval_samples", str(args.max_eval_samples),
-               "--batch_size", str(args.batch_size), "--eval_batch_size", str(args.batch_size),
-               "--max_seq_length", str(args.max_seq_length), "--side", SIDES[side], "--seed", str(seed),
-               "--mixed_precision", args.precision, "--result_file", result_file]
-    completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if completed.returncode != 0:
-        raise SystemExit(f"{side} run on {folder} failed:\n{completed.stderr[-3000:]}")
-    with open(result_file, encoding="utf-8") as handle:
-        result = json.load(handle)
-    os.remove(result_file)
-    return result
+    return run_speed(["ner", "--model_name_or_path", folder, "--max_train_samples", str(args.max_train_samples),
+                      "--max_eval_samples", str(args.max_eval_samples), "--batch_size", str(args.batch_size),
+                      "--eval_batch_size", str(args.batch_size), "--max_seq_length", str(args.max_seq_length),
+                      "--side", SIDES[side], "--seed", str(seed), "--mixed_precision", args.precision],
+                     f"{side} run on {folder}")
 
 
 def main() -> None:

@@ -260,15 +260,31 @@ def peak_tflops(args) -> float | None:
     return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def run_side(side: str, precision: str, seed: int) -> dict:
+def interval_90(differences: list[float]) -> tuple[float, float]:
+    """The 90 % Student-t interval of the mean of paired differences, as benchmarks/quality_ab.py computes it."""
+    from benchmarks.quality_ab import t_critical
+
+    half = t_critical(len(differences) - 1) * statistics.stdev(differences) / len(differences) ** 0.5
+    return statistics.fmean(differences) - half, statistics.fmean(differences) + half
+
+
+def run_speed(arguments: list[str], what: str) -> dict:
+    """One side in a fresh process (`python speed.py ARGUMENTS --result_file F`): its result JSON; a failed run
+    exits with the end of its stderr, naming `what` ran."""
     result_file = tempfile.mktemp(suffix=".json")
-    command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", side, "--seed", str(seed),
-               "--mixed_precision", precision, "--result_file", result_file]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, os.path.abspath(__file__), *arguments, "--result_file", result_file]
+    completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if completed.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{completed.stderr[-3000:]}")
     with open(result_file, encoding="utf-8") as handle:
         result = json.load(handle)
     os.remove(result_file)
     return result
+
+
+def run_side(side: str, precision: str, seed: int) -> dict:
+    return run_speed([*sys.argv[1:], "--side", side, "--seed", str(seed), "--mixed_precision", precision],
+                     f"the {side} run ({precision}, seed {seed})")
 
 
 def main() -> None:
@@ -366,11 +382,8 @@ def main() -> None:
                     if len(differences) > 1 else ""
                 per_seed = ", ".join(f"{d:+.2f}" for d in differences)
                 if len(differences) > 1:  # benchmarks/quality_ab.py's rule: the 90 % interval not below -1 point
-                    from benchmarks.quality_ab import t_critical
-
-                    half = t_critical(len(differences) - 1) * statistics.stdev(differences) / len(differences) ** 0.5
-                    low = statistics.fmean(differences) - half
-                    spread += (f", 90% CI [{low:+.2f}, {statistics.fmean(differences) + half:+.2f}] "
+                    low, high = interval_90(differences)
+                    spread += (f", 90% CI [{low:+.2f}, {high:+.2f}] "
                                f"({'passes' if low >= -1 else 'FAILS'}: not below -1 point)")
                 ratios = ", ".join(f"{ours['train_samples_per_second'] / theirs['train_samples_per_second']:.2f}x"
                                    for ours, theirs in zip(runs[(side, precision)], recipe_runs))
@@ -381,12 +394,9 @@ def main() -> None:
         differences = [100 * (ours["score"] - theirs["score"])
                        for ours, theirs in zip(runs[("packed", "bf16")], runs[("recipe", "no")])]
         if len(differences) > 1:
-            from benchmarks.quality_ab import t_critical
-
-            half = t_critical(len(differences) - 1) * statistics.stdev(differences) / len(differences) ** 0.5
-            low = statistics.fmean(differences) - half
+            low, high = interval_90(differences)
             print(f"\nbert-ft default - recipe fp32 score: {statistics.fmean(differences):+.2f} points, 90% CI "
-                  f"[{low:+.2f}, {statistics.fmean(differences) + half:+.2f}] ({'passes' if low >= -1 else 'FAILS'} "
+                  f"[{low:+.2f}, {high:+.2f}] ({'passes' if low >= -1 else 'FAILS'} "
                   f"the rule: not below -1 point); per seed {', '.join(f'{d:+.2f}' for d in differences)}")
         per_seed = ", ".join(f"{ours['train_samples_per_second'] / theirs['train_samples_per_second']:.2f}x"
                              for ours, theirs in zip(runs[("packed", "bf16")], runs[("recipe", "no")]))
