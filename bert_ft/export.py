@@ -36,6 +36,7 @@ from .errors import UsageError
 from .heads import HEAD_WEIGHTS, full_top_layer, has_score_seam
 from .io import atomic_directory, atomic_write_json
 from .model_folder import META_FILE, is_export_folder, load_exported, load_model
+from .modelcard import write_export_card
 from .onnx_model import GRAPH_FILE, OUTPUT_NAME
 from .parity import INT8_MAX_DROP, format_report, parity_check, parity_examples
 from .plugins import registered_tasks
@@ -238,6 +239,7 @@ def export(config: ExportConfig, log=print) -> dict:
         report = {"export": record, "export_seconds": round(export_seconds, 2),
                   "graph_mb": round(os.path.getsize(graph) / 2**20, 2), **report}
         atomic_write_json(os.path.join(temp, REPORT_FILE), report)
+        write_export_card(temp, config.model_dir, report, name=os.path.basename(os.path.abspath(output_dir)))
         del exported
     log(f"exported {config.model_dir} -> {output_dir} ({GRAPH_FILE}, {config.quantize if quantized else 'fp32'}, "
         f"{report['graph_mb']} MB, inputs {', '.join(names)}; {report['export_seconds']} s)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -199,6 +200,63 @@ def write_model_card(folder: str, run_dir: str) -> str:
     text = f"---\n{data.to_yaml()}\n---\n\n{card_body(folder, config, metrics, meta, adapter)}"
     ModelCard(text)  # parses it as the Hub does: raises on a metadata block it could not read
     atomic_write_text(os.path.join(folder, CARD), text)
+    return text
+
+
+def write_export_card(export_dir: str, source_dir: str, report: dict, name: str | None = None) -> str:
+    """The card of an export folder, a view of the source folder's card and of this folder's export_report.json.
+
+    The metadata is the source card's (itself a view of its run's files) relabelled for ONNX (library `onnx`, tags
+    `onnx` and `int8` where quantised) with the parity check's score of the export added to the model-index. An int8
+    graph changes predictions, so its card keeps only that parity score, not the PyTorch model's validation and
+    test metrics; an fp32 graph that passed parity predicts what the PyTorch model predicts, so they stay. A source
+    folder without a card (saved through the API, not by a run) gives a card from bert_ft.json alone."""
+
+    meta = _read(os.path.join(export_dir, "bert_ft.json"))
+    export = report["export"]
+    quantized = export.get("quantize", "none") != "none"
+    source_card = os.path.join(source_dir, CARD)
+    if os.path.isfile(source_card):
+        card = ModelCard.load(source_card)
+        data, source_body = card.data, card.text
+    else:
+        data = ModelCardData(pipeline_tag=pipeline_tag(_model_config(export_dir, {})),
+                             tags=["bert-ft", str(meta.get("task"))], language=None)
+        source_body = ""
+    tag = data.pipeline_tag or pipeline_tag(_model_config(export_dir, {}))
+    metric = report["metric"]
+    kept = [] if quantized else list(data.eval_results or [])
+    parity_file = str(report.get("file"))
+    data.eval_results = kept + [EvalResult(
+        task_type=tag, task_name=meta.get("task"), dataset_type=os.path.basename(parity_file),
+        dataset_name=parity_file, dataset_split="parity", metric_type=metric,
+        metric_value=report["exported"][metric], metric_name=f"export parity {metric}")]
+    data.library_name = "onnx"
+    title = name or os.path.basename(os.path.abspath(export_dir))
+    data.model_name = data.model_name or title  # the model-index needs a name
+    data.tags = list(dict.fromkeys([*(data.tags or []), "onnx", *(["int8"] if quantized else [])]))
+    rows = [[metric, report["pytorch"][metric], report["exported"][metric], f"{report['drop_points']:+.2f}"]]
+    parts = [f"# {title}",
+             f"ONNX export ({'int8 dynamic quantisation' if quantized else 'fp32'}) of the bert-ft model "
+             f"`{export.get('source')}`, made by `run_task.py export` with bert-ft {export.get('bert_ft_version')} "
+             f"(torch {export.get('torch')}, onnxruntime {export.get('onnxruntime')}). This card is generated from "
+             "the source folder's card and this folder's `export_report.json`.",
+             "## Use",
+             f"    python run_task.py predict --model_dir {title} \"some text\"\n\n"
+             f"`model.onnx` (inputs {', '.join(export.get('inputs', []))}; output `{export.get('output')}`) runs in "
+             "onnxruntime; bert-ft's predict adds the tokenisation, windows and decoding around it.",
+             "## Parity with the PyTorch model",
+             f"On {report['examples']} examples of `{parity_file}`:\n\n"
+             + _table(["metric", "PyTorch", "export", "drop (points)"], rows)
+             + f"\n\nLargest |logit difference| {report['max_abs_logit_difference']:.3g}; changed predictions "
+             f"{report['changed_predictions']} of {report['predictions_compared']} ({report['changed_near_ties']} "
+             f"near-ties); {report['criterion']}: {'passed' if report['passed'] else 'FAILED'}."]
+    if source_body.strip():
+        demoted = re.sub(r"^(#+) ", r"#\1 ", source_body.strip(), flags=re.MULTILINE)
+        parts += ["## The source model's card", demoted]
+    text = f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n"
+    ModelCard(text)  # parses it as the Hub does
+    atomic_write_text(os.path.join(export_dir, CARD), text)
     return text
 
 

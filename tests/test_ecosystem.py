@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -83,6 +84,33 @@ def test_search_resumes_its_study_and_never_reads_the_test_split(tiny_model_dir,
     assert config.output_dir == os.path.join(out, "best")
 
 
+def test_search_under_two_processes_runs_each_trial_on_both(tiny_model_dir, tmp_path):
+    """torch.distributed.run with 2 processes: the main process samples, both train every trial (each run folder
+    says 2 processes), the study holds each trial once with its run's validation score, and best.yaml is written."""
+    optuna = pytest.importorskip("optuna", reason="optuna is the optional extra bert-ft[search]")
+    import subprocess
+    import sys
+
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    out = str(tmp_path / "search")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
+               os.path.join(ROOT, "run_task.py"),
+               *search_args(tiny_model_dir, out, str(space), 2, os.path.join(SAMPLES, "ner_dev.txt"))]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="bert_ft", storage=f"sqlite:///{os.path.join(out, 'study.db')}")
+    assert [trial.number for trial in study.trials] == [0, 1]  # one study entry per trial, not one per process
+    for trial in study.trials:
+        metrics = read_json(os.path.join(out, f"trial-{trial.number}", "metrics.json"))
+        assert metrics["num_processes"] == 2 and metrics["eval_f1"] == trial.value
+        assert not [key for key in metrics if key.startswith("test_")]
+        config = read_json(os.path.join(out, f"trial-{trial.number}", "config.json"))
+        assert config["learning_rate"] == trial.params["learning_rate"]
+    assert os.path.isfile(os.path.join(out, "best.yaml"))
+
+
 def test_search_space_errors_are_reported_at_once(tmp_path):
     pytest.importorskip("optuna", reason="optuna is the optional extra bert-ft[search]")
     from bert_ft.config import TrainConfig
@@ -146,6 +174,16 @@ def test_model_card_and_mlflow_hold_metrics_json(tiny_model_dir, tmp_path, monke
     assert f"| test | {config['data_sources']['test']} | {metrics['test_samples']} |" in card.text
     assert f"| accuracy | {metrics['eval_accuracy']:.4f} | {metrics['test_accuracy']:.4f} |" in card.text
     assert "| --num_train_epochs | 2 |" in card.text and "| --seed |" not in card.text
+    if importlib.util.find_spec("onnxruntime"):  # the export folder's card: the source card's numbers + its parity
+        export_dir = tmp_path / "onnx"
+        assert main(["export", "--model_dir", str(run_dir / "model"), "--output_dir", str(export_dir)]) == 0
+        report = read_json(export_dir / "export_report.json")
+        exported = ModelCard.load(str(export_dir / "README.md"))
+        assert exported.data.library_name == "onnx" and {"onnx", "bert-ft"} <= set(exported.data.tags)
+        assert {(result.dataset_split, result.metric_type): result.metric_value
+                for result in exported.data.eval_results} == {**expected, ("parity", "accuracy"):
+                                                              report["exported"]["accuracy"]}
+        assert f"| accuracy | {metrics['eval_accuracy']:.4f} | {metrics['test_accuracy']:.4f} |" in exported.text
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("bert_ft")

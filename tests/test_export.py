@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -146,6 +147,13 @@ def test_ner_export_gives_the_pytorch_predictions_at_any_shape(city_tagger, city
     assert report["export"]["traced_shape"] == [2, 16]
     assert report["pytorch"]["f1"] == report["exported"]["f1"] > 0.5
     assert is_export_folder(output) and not os.path.exists(os.path.join(output, "model.safetensors"))
+    # the export folder's model card (its source, saved through the API, has none): the parity score is the export's
+    card = ModelCard.load(os.path.join(output, "README.md"))
+    assert card.data.library_name == "onnx" and card.data.pipeline_tag == "token-classification"
+    assert "onnx" in card.data.tags and "int8" not in card.data.tags
+    (result,) = card.data.eval_results
+    assert (result.dataset_split, result.metric_type, result.metric_value) == ("parity", "f1", report["exported"]["f1"])
+    assert f"changed predictions 0 of {report['predictions_compared']}" in card.text
 
     reference, tokenizer, _ = load_model(city_tagger)
     exported, _, meta = load_model(output)

@@ -107,6 +107,16 @@ def lora_args(tiny_model_dir: str, output_dir: str, *extra: str) -> list[str]:
             "--learning_rate", "3e-3", "--max_seq_length", "48", "--lora_r", "4", "--crf", *extra]
 
 
+def assert_merged_predicts_as_adapter(run: str, capsys) -> None:
+    """RUN/model (the merged model) and RUN/adapter give the same entities through `predict`."""
+    capsys.readouterr()
+    outputs = []
+    for folder in ("model", "adapter"):
+        assert main(["predict", "--model_dir", os.path.join(run, folder), "EU rejects German call"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0]["entities"] == outputs[1]["entities"]
+
+
 def test_lora_run_trains_only_adapters_and_resumes_exactly(tiny_model_dir, tmp_path, capsys):
     """A full run: base weights untouched, adapter and head trained, RUN/model (merged) predicts as RUN/adapter,
     and resuming from a mid-run checkpoint finishes with the uninterrupted run's scores."""
@@ -138,12 +148,7 @@ def test_lora_run_trains_only_adapters_and_resumes_exactly(tiny_model_dir, tmp_p
     assert results == {(result.dataset_split, result.metric_type): result.metric_value
                        for result in merged_card.data.eval_results}
 
-    capsys.readouterr()
-    outputs = []
-    for folder in ("model", "adapter"):
-        assert main(["predict", "--model_dir", os.path.join(run, folder), "EU rejects German call"]) == 0
-        outputs.append(json.loads(capsys.readouterr().out))
-    assert outputs[0]["entities"] == outputs[1]["entities"]
+    assert_merged_predicts_as_adapter(run, capsys)
 
     resumed = str(tmp_path / "resumed")
     shutil.copytree(run, resumed)
@@ -177,3 +182,27 @@ def test_default_target_modules_follow_the_encoder_family(family, expected):
     assert target_modules(model, expected[0]) == [expected[0]]
     with pytest.raises(UsageError, match="--lora_target_modules: no module named nope"):
         target_modules(model, ",".join([expected[0], "nope"]))
+
+
+def test_init_from_starts_the_adapters_from_another_runs_encoder(tiny_model_dir, tmp_path, capsys):
+    """--init_from under LoRA: the frozen base the adapters sit on is the earlier run's encoder (not the hub
+    model's), the adapter folder rebuilds that base by itself, and it predicts what the merged model predicts."""
+    from safetensors.torch import load_file
+
+    first = str(tmp_path / "first")
+    assert main(["ner", "--model_name_or_path", tiny_model_dir, "--output_dir", first, "--num_train_epochs", "1",
+                 "--max_train_samples", "32", "--max_eval_samples", "8", "--per_device_train_batch_size", "8",
+                 "--learning_rate", "3e-2", "--max_seq_length", "48"]) == 0
+    run = str(tmp_path / "lora")
+    assert main(lora_args(tiny_model_dir, run, "--init_from", os.path.join(first, "model"))) == 0
+    adapter_dir = os.path.join(run, "adapter")
+    meta = read_meta(adapter_dir)
+    assert meta["adapter"]["init_from"] == os.path.join(first, "model")
+    adapter = load_adapter(adapter_dir, registered_tasks()["ner"].head_type, meta)
+    name = "encoder.layer.0.attention.self.query.weight"
+    started_from = load_file(os.path.join(first, "model", "model.safetensors"))["bert." + name]
+    hub = load_file(os.path.join(tiny_model_dir, "model.safetensors"))[name]
+    base_layer = adapter.model.bert.encoder.layer[0].attention.self.query.base_layer.weight
+    assert not torch.equal(started_from, hub), "the first run moved the encoder (lr 3e-2)"
+    assert torch.equal(base_layer, started_from)
+    assert_merged_predicts_as_adapter(run, capsys)
