@@ -41,7 +41,7 @@ NEGATIVE_LABELS = (OTHER, "no_relation", "NA", "none")  # what --negative_label 
 SEMEVAL_TYPES = ("Cause-Effect", "Component-Whole", "Content-Container", "Entity-Destination", "Entity-Origin",
                  "Instrument-Agency", "Member-Collection", "Message-Topic", "Product-Producer")
 SEMEVAL_LABELS = frozenset([OTHER] + [f"{name}({order})" for name in SEMEVAL_TYPES for order in ("e1,e2", "e2,e1")])
-_DIRECTED = re.compile(r"^(.+)\((e1,e2|e2,e1)\)$")
+DIRECTED = re.compile(r"^(.+)\((e1,e2|e2,e1)\)$")
 _FORMAT_FIX = ('SemEval format: 4 lines per record: ID<TAB>"sentence with <e1>..</e1> and <e2>..</e2>", the label '
                "(e.g. Cause-Effect(e2,e1) or Other), 'Comment:' (optional), a blank line")
 _MARKER_FIX = ("mark each entity exactly once, not nested or overlapping, e.g. "
@@ -156,6 +156,26 @@ def mark_spans(text: str, head: tuple[int, int], tail: tuple[int, int]) -> str:
         previous = position
     parts.append(text[previous:])
     return "".join(parts)
+
+
+def unmark(text: str, path: str = "input", line: int | None = None) -> tuple[str, tuple[int, int], tuple[int, int]]:
+    """The inverse of `mark_spans`: (text without the four markers, head span, tail span), character spans of the
+    plain text, end exclusive. The markers are checked first (`check_markers`)."""
+    check_markers(text, path, line)
+    plain, spans, open_at, previous = [], {}, {}, 0
+    length = 0
+    for match in MARKER_PATTERN.finditer(text):
+        piece = text[previous:match.start()]
+        plain.append(piece)
+        length += len(piece)
+        marker = match.group()
+        if marker.startswith("</"):
+            spans[marker[2:4]] = (open_at[marker[2:4]], length)
+        else:
+            open_at[marker[1:3]] = length
+        previous = match.end()
+    plain.append(text[previous:])
+    return "".join(plain), spans["e1"], spans["e2"]
 
 
 def _span(record: dict, key: str, text: str, path: str, line: int) -> tuple[int, int]:
@@ -517,7 +537,7 @@ class RelationTask(ClassificationTask):
         labels = {example.label for example in train_examples}
         negative = resolve_negative_label(self.options.negative_label, labels)
         for label in list(labels):
-            match = _DIRECTED.match(label)
+            match = DIRECTED.match(label)
             if match:
                 labels.add(f"{match.group(1)}({'e2,e1' if match.group(2) == 'e1,e2' else 'e1,e2'})")
         return sorted(labels, key=lambda label: (label == negative, label))
@@ -595,7 +615,7 @@ class RelationTask(ClassificationTask):
     def score_labels(self, gold, predicted, labels, source, features) -> tuple[dict, str]:
         negative = resolve_negative_label(self.options.negative_label, labels)
         official = is_semeval(labels, negative)
-        directed = any(_DIRECTED.match(label) for label in labels)
+        directed = any(DIRECTED.match(label) for label in labels)
         score = semeval_official_score(gold, predicted, OTHER) if official else relation_f1(gold, predicted, negative)
         metrics = {"macro_f1": score["macro_f1"], "accuracy": score["accuracy"], "micro_f1": score["micro_f1"],
                    "micro_precision": score["micro_precision"], "micro_recall": score["micro_recall"]}
