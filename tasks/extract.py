@@ -173,8 +173,6 @@ class Extractor:
         match = DIRECTED.match(label)
         if match:
             label = match.group(1)
-            if label == OTHER:
-                return None
             if match.group(2) == "e2,e1":
                 head, tail = tail, head
         return head, tail, label, probability

@@ -9,15 +9,11 @@ import os
 
 import pytest
 
-from bert_ft.cli import main
 from bert_ft.errors import DataError
 from bert_ft_tasks.joint import JointEntity, JointRecord, JointRelation, candidate_pairs
 from bert_ft_tasks.ner import NerTask
 from bert_ft_tasks.relation import RelationOptions, RelationTask, joint_examples
 
-from .conftest import ROOT
-
-JOINT_SAMPLE = os.path.join(ROOT, "examples", "own_data", "joint.jsonl")
 TEXT = "Aspirin reduces the risk of stroke in adults."
 ENTITIES = [{"id": "T1", "start": 0, "end": 7, "type": "DRUG"}, {"id": "T2", "start": 28, "end": 34, "type": "DISEASE"},
             {"id": "T3", "start": 38, "end": 44, "type": "GROUP"}]
@@ -98,20 +94,6 @@ def test_ner_reads_the_entities_of_a_joint_file_through_the_entities_reader(tmp_
     ner = NerTask().read(write(tmp_path, [record()]))
     assert ner[0].words[:2] == ["Aspirin", "reduces"]
     assert ner[0].tags == ["B-DRUG", "O", "O", "O", "O", "B-DISEASE", "O", "B-GROUP", "O"]
-
-
-@pytest.fixture(scope="module")
-def joint_models(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
-    """A tiny NER model and a tiny relation model, both trained from the shipped joint sample."""
-    root = tmp_path_factory.mktemp("joint-runs")
-    folders = {}
-    for task in ("ner", "relation"):
-        run = str(root / task)
-        assert main([task, "--train_file", JOINT_SAMPLE, "--model_name_or_path", tiny_model_dir, "--output_dir", run,
-                     "--num_train_epochs", "2", "--max_seq_length", "48", "--learning_rate", "5e-3",
-                     "--per_device_train_batch_size", "8", "--report_to", "none"]) == 0
-        folders[task] = os.path.join(run, "model")
-    return folders
 
 
 def test_both_models_train_from_one_joint_file_and_record_what_types_they_saw(joint_models):
