@@ -119,48 +119,43 @@ def registered_commands() -> dict:
     `use_task_modules`."""
     key = tuple(_task_modules)
     if key not in _command_cache:
-        registry: dict = {}
-        sources = []
-        for entry in entry_points(group=COMMAND_GROUP):
-            try:
-                sources.append((f"entry point {entry.name} = {entry.value}", entry.load()))
-            except Exception as error:  # as for tasks: a broken package must not break the others
-                print(f"warning: cannot load the {COMMAND_GROUP} entry point {entry.value}: {error}")
-        sources += [(f"--task_module {module}", importlib.import_module(module)) for module in key]
-        for origin, value in sources:
-            for command in _commands_in(value, origin):
-                known = registry.get(command.name)
-                if known is not None and known is not command:
-                    raise UsageError(f"{origin}: command name {command.name!r} is already taken by "
-                                     f"{known.__module__}.{known.__name__}")
-                registry[command.name] = command
-        _command_cache[key] = registry
+        _command_cache[key] = _registry(_sources(COMMAND_GROUP, key), _commands_in, "command")
     return _command_cache[key]
 
 
 def task_registry(modules: Iterable[str] = ()) -> dict:
     """The entry-point tasks plus the tasks of each of `modules` (without remembering them: see
     `use_task_modules`)."""
-    registry: dict = {}
+    return _registry(_sources(ENTRY_POINT_GROUP, modules), _tasks_in, "task")
+
+
+def _sources(group: str, modules: Iterable[str]) -> list[tuple[str, object]]:
+    """(where it comes from, the loaded object) of every entry point of `group` and every module of `modules`."""
     sources: list[tuple[str, object]] = []
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
+    for entry in entry_points(group=group):
         try:
             sources.append((f"entry point {entry.name} = {entry.value}", entry.load()))
         except Exception as error:  # a broken third-party package must not break bert-ft's own tasks
-            print(f"warning: cannot load the {ENTRY_POINT_GROUP} entry point {entry.value}: {error}")
+            print(f"warning: cannot load the {group} entry point {entry.value}: {error}")
     for module in modules:
         try:
             sources.append((f"--task_module {module}", importlib.import_module(module)))
         except ImportError as error:
             raise UsageError(f"--task_module {module}: cannot import it ({error}).\n  fix: give an importable module "
                              "path (e.g. my_pkg.my_task) and run from the folder that holds my_pkg, or install it")
+    return sources
+
+
+def _registry(sources: list[tuple[str, object]], found_in, kind: str) -> dict:
+    """{name: class} of the tasks or commands (`found_in`) of `sources`; one name for two classes is refused."""
+    registry: dict = {}
     for origin, value in sources:
-        for task in _tasks_in(value, origin):
-            known = registry.get(task.name)
-            if known is not None and known is not task:
-                raise UsageError(f"{origin}: task name {task.name!r} is already taken by {known.__module__}."
-                                 f"{known.__name__}; give the new task another name")
-            registry[task.name] = task
+        for item in found_in(value, origin):
+            known = registry.get(item.name)
+            if known is not None and known is not item:
+                raise UsageError(f"{origin}: {kind} name {item.name!r} is already taken by {known.__module__}."
+                                 f"{known.__name__}; give the new {kind} another name")
+            registry[item.name] = item
     return registry
 
 
