@@ -17,7 +17,7 @@ from bert_ft.inference import packing_is_exact
 from bert_ft.plugins import use_task_modules
 from bert_ft_tasks.convert import is_semeval_joint, semeval_label, semeval_to_joint
 from bert_ft_tasks.extract import Extractor, evaluate_extraction, extract, sentence_starts
-from bert_ft_tasks.relation import RelationExample, read_semeval
+from bert_ft_tasks.relation import RelationExample, joint_examples, read_joint, read_semeval
 
 from .conftest import JOINT_SAMPLE, shared_path
 
@@ -88,8 +88,6 @@ def test_negative_label_is_never_output_and_directed_labels_turn_the_pair(extrac
 
 def test_packed_relation_batches_score_as_padded_ones(extractor):
     texts = [json.loads(line)["text"] for line in open(JOINT_SAMPLE, encoding="utf-8")]
-    from bert_ft_tasks.relation import joint_examples, read_joint
-
     records = [read_joint(json.loads(line), JOINT_SAMPLE, number)
                for number, line in enumerate(open(JOINT_SAMPLE, encoding="utf-8"), start=1)]
     marked = [example.text for record in records for example in joint_examples(record, "no_relation")]
@@ -231,6 +229,12 @@ def test_extract_command_stdin_files_and_test_file(joint_models, tmp_path, monke
     assert os.path.isfile(os.path.join(out, "report.txt"))
     assert main(["extract", *models, "--test_file", JOINT_SAMPLE, "--output_dir", out]) == 2  # no silent overwrite
     assert "--overwrite_output_dir" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "A b.", "entities": [{"id": 1, "start": 0, "end": 1, "type": "X"}], "relations": []}\n'
+                   '{"text": "A b.", "entities": [{"id": 1, "start": 0, "end": 9, "type": "X"}]}\n', encoding="utf-8")
+    assert main(["extract", *models, "--test_file", str(bad), "--output_dir", str(tmp_path / "bad_eval")]) == 2
+    assert f"{bad}:2: entity 1 [0, 9) lies outside the text" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bad_eval")
 
 
 def test_extract_refuses_bad_flags_and_swapped_folders(joint_models, capsys):
