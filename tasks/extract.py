@@ -39,10 +39,10 @@ from bert_ft.plugins import Command
 from bert_ft.prediction import predict_examples, read_inputs, write_results
 
 from .convert import is_semeval_joint, semeval_gold_label, semeval_label
-from .joint import JointRecord
+from .joint import JointRecord, candidate_pairs
 from .ner import NerOptions, NerTask
-from .relation import (DIRECTED, JOINT_NEGATIVE, OTHER, RelationOptions, RelationTask, joint_examples, mark_spans,
-                       read_joint, resolve_negative_label, unmark)
+from .relation import (DIRECTED, JOINT_NEGATIVE, OTHER, RelationOptions, RelationTask, mark_spans, read_joint,
+                       resolve_negative_label)
 
 PAIR_SCOPES = ("sentence", "text")
 # A sentence ends after . ! ? (and closing quotes or brackets) followed by whitespace, after CJK full stops, and at a
@@ -297,31 +297,27 @@ def evaluate_extraction(extractor: Extractor, test_file: str) -> tuple[dict, str
     # The relation model alone, on every ordered pair of the gold entities (what the chain would score with a
     # perfect tagger): the same pairs as relation training builds from the file.
     negative = extractor.negative or JOINT_NEGATIVE
-    pair_examples = [(record, joint_examples(record, negative)) for record in records]
-    marked = [example.text for _, examples in pair_examples for example in examples]
+    pairs_of = [candidate_pairs(record, negative) for record in records]
+    marked = [mark_spans(record.text, (record.entities[head].start, record.entities[head].end),
+                         (record.entities[tail].start, record.entities[tail].end))
+              for record, pairs in zip(records, pairs_of) for head, tail, _ in pairs]
     results = extractor.classify(marked)
     gold_labels, pred_labels, semeval_gold, semeval_pred_gold_entities = [], [], [], []
     semeval = is_semeval_joint(raw)
     position = 0
-    for (record, examples), raw_record in zip(pair_examples, raw):
-        index_of = {(entity.start, entity.end): index for index, entity in enumerate(record.entities)}
-        predicted = {}
-        for example, result in zip(examples, results[position:position + len(examples)]):
-            head, tail = (index_of[span] for span in _marked_spans(example.text))
-            found = extractor.triples((head, tail), result)
-            if found is not None and ((found[0], found[1]) not in predicted
-                                      or found[3] > predicted[found[0], found[1]][1]):
-                predicted[found[0], found[1]] = (found[2], found[3])
-        position += len(examples)
-        for example in examples:
-            head, tail = (index_of[span] for span in _marked_spans(example.text))
-            gold_labels.append(example.label)
-            pred_labels.append(predicted.get((head, tail), (negative, 0.0))[0])
+    for record, pairs, raw_record in zip(records, pairs_of, raw):
+        entities = [{"start": entity.start, "end": entity.end, "type": entity.type} for entity in record.entities]
+        relations = extractor.relate(record.text, entities, [(head, tail) for head, tail, _ in pairs],
+                                     results[position:position + len(pairs)])
+        position += len(pairs)
+        predicted = {(found["head"], found["tail"]): found["label"] for found in relations}
+        for head, tail, label in pairs:
+            gold_labels.append(label)
+            pred_labels.append(predicted.get((head, tail), negative))
         if semeval:
             semeval_gold.append(semeval_gold_label(raw_record))
             semeval_pred_gold_entities.append(semeval_label(
-                [(record.entities[head].id, label, probability)
-                 for (head, tail), (label, probability) in predicted.items()]))
+                [(record.entities[found["head"]].id, found["label"], found["probability"]) for found in relations]))
     relation = relation_f1(gold_labels, pred_labels, negative)
 
     metrics = {"triple_precision": strict["precision"], "triple_recall": strict["recall"], "triple_f1": strict["f1"],
@@ -385,12 +381,6 @@ def evaluate_extraction(extractor: Extractor, test_file: str) -> tuple[dict, str
         *extractor.notes(),
     ])
     return metrics, report, outputs
-
-
-def _marked_spans(marked: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The (head, tail) character spans in the unmarked text of a marked example."""
-    _, head, tail = unmark(marked)
-    return head, tail
 
 
 # ------------------------------------------------------------------------------------------- command line

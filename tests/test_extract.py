@@ -16,7 +16,7 @@ from bert_ft.cli import main
 from bert_ft.inference import packing_is_exact
 from bert_ft.plugins import use_task_modules
 from bert_ft_tasks.convert import is_semeval_joint, semeval_label, semeval_to_joint
-from bert_ft_tasks.extract import Extractor, evaluate_extraction, extract, sentence_starts
+from bert_ft_tasks.extract import ExtractStats, Extractor, evaluate_extraction, extract, sentence_starts
 from bert_ft_tasks.relation import RelationExample, joint_examples, read_joint, read_semeval
 
 from .conftest import JOINT_SAMPLE, shared_path
@@ -107,8 +107,6 @@ class CannedExtractor(Extractor):
     def __init__(self, outputs, pair_labels) -> None:  # noqa: D107 - no models to load
         self.outputs, self.pair_labels, self.negative = outputs, pair_labels, "no_relation"
         self.keep_unseen_type_pairs, self.pair_scope, self.related_type_pairs = False, "sentence", None
-        from bert_ft_tasks.extract import ExtractStats
-
         self.stats = ExtractStats(texts=len(outputs), seconds=1.0)
         self.ner_meta, self.relation_meta = {"entity_types": ["A", "B"]}, {}
         self.relation_model = type("Labels", (), {"labels": ["r", "s", "no_relation"]})()
