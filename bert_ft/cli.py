@@ -20,7 +20,7 @@ from .errors import BertFtError, UsageError
 from .export import ExportConfig, export
 from .hpsearch import search
 from .model_folder import load_model
-from .plugins import ENTRY_POINT_GROUP, registered_tasks, split_task_modules, use_task_modules
+from .plugins import ENTRY_POINT_GROUP, registered_commands, registered_tasks, split_task_modules, use_task_modules
 from .prediction import predict_examples, read_inputs, write_results
 from .train import run
 from .verbosity import set_verbose
@@ -57,7 +57,7 @@ def program_name() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    tasks = registered_tasks()
+    tasks, extra_commands = registered_tasks(), registered_commands()
     parser = argparse.ArgumentParser(
         prog=program_name(), allow_abbrev=False,
         description="Fine-tune a BERT encoder with a task head, or predict with a trained one.",
@@ -65,12 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="tasks:\n" + "\n".join(f"  {name:<10} {task.description}" for name, task in tasks.items())
         + "\n  predict    predict on raw text with a trained model folder (or an export folder)"
         + "\n  export     export a trained model folder to ONNX (optionally int8), checked against the original"
+        + "".join(f"\n  {name:<10} {command.description}" for name, command in extra_commands.items())
         + f"\n\n`{program_name()} TASK --help` lists every flag. Tasks from outside bert-ft: --task_module MODULE, "
         + f"or the entry-point group {ENTRY_POINT_GROUP!r} (README: Custom tasks).")
     parser.add_argument("--task_module", metavar="MODULE", action="append",
                         help="import MODULE and register the Task subclasses it defines (repeatable)")
-    commands = parser.add_subparsers(dest="task", metavar="{" + ",".join([*tasks, "predict", "export"]) + "}",
-                                     required=True)
+    commands = parser.add_subparsers(dest="task", metavar="{" + ",".join([*tasks, "predict", "export",
+                                                                         *extra_commands]) + "}", required=True)
     for name, task in tasks.items():
         sub = commands.add_parser(name, help=task.description, description=task.description,
                                   argument_default=argparse.SUPPRESS, allow_abbrev=False)
@@ -85,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a trained model folder to ONNX, checked against it",
                                  argument_default=argparse.SUPPRESS, allow_abbrev=False)
     add_dataclass_flags(export, ExportConfig, "export flags")
+    for name, command in extra_commands.items():
+        sub = commands.add_parser(name, help=command.description, description=command.description,
+                                  epilog=command.epilog or None, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  argument_default=argparse.SUPPRESS, allow_abbrev=False)
+        if command.takes_texts:
+            sub.add_argument("texts", nargs="*", help="texts (else --input_file or stdin)")
+        add_dataclass_flags(sub, command.config_type, f"{name} flags")
     return parser
 
 
@@ -134,6 +142,15 @@ def parse(argv: list[str]):
         if problems:
             raise UsageError("invalid flags:\n  " + "\n  ".join(problems))
         return "export", config, None
+    if namespace.task in registered_commands():
+        command = registered_commands()[namespace.task]()
+        texts = getattr(namespace, "texts", [])
+        values = {key: value for key, value in vars(namespace).items() if key != "texts"}
+        (config,), problems = resolve(argparse.Namespace(**values), [command.config_type])
+        problems += command.problems(config)
+        if problems:
+            raise UsageError("invalid flags:\n  " + "\n  ".join(problems))
+        return namespace.task, config, (command, texts)
     task_type = registered_tasks()[namespace.task]
     (config, options), problems = resolve(namespace, [TrainConfig, task_type.options_type])
     task = task_type(options)
@@ -176,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if name == "export":
             export(config)
+            return 0
+        if isinstance(extra, tuple):  # a plugin command (bert_ft.plugins.Command): (command, texts)
+            command, texts = extra
+            command.run(config, texts)
             return 0
         if config.check_data:
             check_data_command(extra, config)

@@ -9,7 +9,7 @@ import os
 from .cli import PredictConfig
 from .config import TrainConfig
 from .export import ExportConfig
-from .plugins import registered_tasks
+from .plugins import registered_commands, registered_tasks
 
 
 def flags_table(option_types: dict[str, type]) -> str:
@@ -28,7 +28,8 @@ def all_flags_table() -> str:
     """Every flag of every registered task and command."""
     tasks = registered_tasks()
     return flags_table({"all tasks": TrainConfig, **{name: task.options_type for name, task in tasks.items()},
-                        "predict": PredictConfig, "export": ExportConfig})
+                        "predict": PredictConfig, "export": ExportConfig,
+                        **{name: command.config_type for name, command in registered_commands().items()}})
 
 
 FLAGS_PAGE = os.path.join("docs", "flags.md")  # relative to the repository root

@@ -16,17 +16,44 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 from importlib.metadata import entry_points
-from typing import Iterable
+from typing import Any, ClassVar, Iterable
 
 from .errors import UsageError
 from .task import Task
 
 ENTRY_POINT_GROUP = "bert_ft.tasks"
+COMMAND_GROUP = "bert_ft.commands"
+
+
+class Command:
+    """A sub-command that is not a task to train (e.g. `extract`, which chains an NER and a relation model folder).
+
+    A plugin module lists its commands in `COMMANDS` (a dict name -> Command subclass), or an installed package
+    declares them in the entry-point group "bert_ft.commands"; the command line gets one sub-command per command,
+    whose flags are the fields of `config_type` (a dataclass of `bert_ft.config.flag` fields)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]  # one line for --help
+    config_type: ClassVar[type]
+    takes_texts: ClassVar[bool] = False  # positional text arguments (like predict's)
+    epilog: ClassVar[str] = ""  # printed after the flags by --help
+
+    def problems(self, config: Any) -> list[str]:
+        """Invalid flags as '--flag: why' lines (all reported at once)."""
+        return []
+
+    def run(self, config: Any, texts: list[str]) -> None:
+        raise NotImplementedError
+
+
+def _defines_commands(value) -> bool:
+    return inspect.ismodule(value) and isinstance(getattr(value, "COMMANDS", None), dict)
 
 
 def _tasks_in(value, origin: str) -> list[type]:
-    """The Task subclasses a module, a dict or a class stands for."""
+    """The Task subclasses a module, a dict or a class stands for (a module may define only commands)."""
     if isinstance(value, dict):
         found = list(value.values())
     elif inspect.ismodule(value):
@@ -38,13 +65,36 @@ def _tasks_in(value, origin: str) -> list[type]:
     else:
         found = [value]
     bad = [item for item in found if not (inspect.isclass(item) and issubclass(item, Task))]
-    if bad or not found:
+    if bad or not (found or _defines_commands(value)):
         raise UsageError(f"{origin}: expected bert_ft.task.Task subclasses, found {bad or 'none'}")
     return found
 
 
+def _commands_in(value, origin: str) -> list[type]:
+    found = list(value.COMMANDS.values()) if _defines_commands(value) else [value] if inspect.isclass(value) and \
+        issubclass(value, Command) else []
+    bad = [item for item in found if not (inspect.isclass(item) and issubclass(item, Command))]
+    if bad:
+        raise UsageError(f"{origin}: COMMANDS must map names to bert_ft.plugins.Command subclasses, found {bad}")
+    return found
+
+
+def plugin_modules(package: str, folder: str) -> list[str]:
+    """The modules of `package` (in `folder`) that define tasks or commands; the others are helpers (a data format,
+    a converter) and are not registered."""
+    names = []
+    for module in pkgutil.iter_modules([folder]):
+        value = importlib.import_module(f"{package}.{module.name}")
+        if _defines_commands(value) or isinstance(getattr(value, "TASKS", None), dict) or any(
+                inspect.isclass(item) and issubclass(item, Task) and item.__module__ == value.__name__
+                and "name" in vars(item) for item in vars(value).values()):
+            names.append(f"{package}.{module.name}")
+    return names
+
+
 _task_modules: list[str] = []  # modules given to use_task_modules (--task_module), in order
 _cache: dict[tuple[str, ...], dict] = {}
+_command_cache: dict[tuple[str, ...], dict] = {}
 
 
 def use_task_modules(modules: Iterable[str]) -> None:
@@ -64,29 +114,48 @@ def registered_tasks() -> dict:
     return _cache[key]
 
 
+def registered_commands() -> dict:
+    """{name: Command subclass}: the "bert_ft.commands" entry points plus the `COMMANDS` of the modules given to
+    `use_task_modules`."""
+    key = tuple(_task_modules)
+    if key not in _command_cache:
+        _command_cache[key] = _registry(_sources(COMMAND_GROUP, key), _commands_in, "command")
+    return _command_cache[key]
+
+
 def task_registry(modules: Iterable[str] = ()) -> dict:
     """The entry-point tasks plus the tasks of each of `modules` (without remembering them: see
     `use_task_modules`)."""
-    registry: dict = {}
+    return _registry(_sources(ENTRY_POINT_GROUP, modules), _tasks_in, "task")
+
+
+def _sources(group: str, modules: Iterable[str]) -> list[tuple[str, object]]:
+    """(where it comes from, the loaded object) of every entry point of `group` and every module of `modules`."""
     sources: list[tuple[str, object]] = []
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
+    for entry in entry_points(group=group):
         try:
             sources.append((f"entry point {entry.name} = {entry.value}", entry.load()))
         except Exception as error:  # a broken third-party package must not break bert-ft's own tasks
-            print(f"warning: cannot load the {ENTRY_POINT_GROUP} entry point {entry.value}: {error}")
+            print(f"warning: cannot load the {group} entry point {entry.value}: {error}")
     for module in modules:
         try:
             sources.append((f"--task_module {module}", importlib.import_module(module)))
         except ImportError as error:
             raise UsageError(f"--task_module {module}: cannot import it ({error}).\n  fix: give an importable module "
                              "path (e.g. my_pkg.my_task) and run from the folder that holds my_pkg, or install it")
+    return sources
+
+
+def _registry(sources: list[tuple[str, object]], found_in, kind: str) -> dict:
+    """{name: class} of the tasks or commands (`found_in`) of `sources`; one name for two classes is refused."""
+    registry: dict = {}
     for origin, value in sources:
-        for task in _tasks_in(value, origin):
-            known = registry.get(task.name)
-            if known is not None and known is not task:
-                raise UsageError(f"{origin}: task name {task.name!r} is already taken by {known.__module__}."
-                                 f"{known.__name__}; give the new task another name")
-            registry[task.name] = task
+        for item in found_in(value, origin):
+            known = registry.get(item.name)
+            if known is not None and known is not item:
+                raise UsageError(f"{origin}: {kind} name {item.name!r} is already taken by {known.__module__}."
+                                 f"{known.__name__}; give the new {kind} another name")
+            registry[item.name] = item
     return registry
 
 

@@ -9,27 +9,41 @@ from __future__ import annotations
 
 import json
 import sys
+import weakref
 from typing import Any, Iterable
 
 import torch
 
 from .data import Collator, looks_like_jsonl, read_jsonl_records, read_text_lines
 from .errors import DataError, UsageError
-from .inference import eval_loader, infer
+from .inference import eval_loader, infer, packing_is_exact
 from .io import atomic_write_lines
 
 
+# Whether packed rows reproduced padded ones, per loaded model: the answer is the architecture's, and the check's
+# forward passes on new shapes cost more than a small predict call (oneDNN builds kernels per shape on CPUs), so it
+# runs on the first call's inputs only.
+_PACKING_EXACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # {model: bool}
+
+
 def predict_examples(task: Any, model: torch.nn.Module, tokenizer: Any, inputs: list, max_seq_length: int,
-                     batch_size: int, document: bool = False) -> list[dict]:
+                     batch_size: int, document: bool = False, pack: bool = False) -> list[dict]:
     """One result per input, in input order (long texts through the task's windows). `document`: the inputs are
-    consecutive sentences of one document (for tasks with `document_inputs`, e.g. NER with document context)."""
+    consecutive sentences of one document (for tasks with `document_inputs`, e.g. NER with document context).
+    `pack`: several inputs per row (fewer padding tokens on short inputs), used only where `packing_is_exact`
+    found packed rows reproduce padded ones for this model (checked once, on the first call with two or more
+    inputs)."""
     if document and not getattr(task, "document_inputs", False):
         raise UsageError(f"--input_is_document: the {task.name} task has no document context; drop the flag")
     examples = task.input_examples(list(inputs), document=True) if document else task.input_examples(list(inputs))
     if not examples:
         return []
     features = task.encode(examples, tokenizer, max_seq_length, model.labels)
-    loader = eval_loader(features, Collator(task.pad_values(tokenizer)), batch_size)
+    pad_values = task.pad_values(tokenizer)
+    if pack and task.packable and model not in _PACKING_EXACT and len(features) >= 2:  # one feature proves nothing
+        _PACKING_EXACT[model] = packing_is_exact(model, features, pad_values)
+    pack = pack and task.packable and _PACKING_EXACT.get(model, False)
+    loader = eval_loader(features, Collator(pad_values, pack=pack), batch_size)
     outputs = infer(model, loader, len(features))
     return task.results(examples, features, outputs, model.labels)
 

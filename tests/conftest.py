@@ -42,3 +42,23 @@ def shared_path(*parts: str) -> str:
     if not os.path.exists(path):
         pytest.skip(f"{path} is absent (integration data lives in ../shared/data beside the checkout)")
     return path
+
+
+JOINT_SAMPLE = os.path.join(ROOT, "examples", "own_data", "joint.jsonl")
+
+
+@pytest.fixture(scope="session")
+def joint_models(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
+    """{"ner": folder, "relation": folder}: tiny models trained from the shipped joint sample (the same file for
+    both), long enough that the tagger finds the sample's entities (tests/test_joint.py, tests/test_extract.py)."""
+    from bert_ft.cli import main
+
+    root = tmp_path_factory.mktemp("joint-runs")
+    folders = {}
+    for task, epochs, batch in (("ner", "30", "4"), ("relation", "4", "8")):
+        run = str(root / task)
+        assert main([task, "--train_file", JOINT_SAMPLE, "--model_name_or_path", tiny_model_dir, "--output_dir", run,
+                     "--num_train_epochs", epochs, "--max_seq_length", "48", "--learning_rate", "1e-2",
+                     "--per_device_train_batch_size", batch, "--report_to", "none"]) == 0
+        folders[task] = os.path.join(run, "model")
+    return folders
