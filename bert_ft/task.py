@@ -20,7 +20,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 from .errors import UsageError
 from .io import atomic_write_lines
@@ -122,7 +122,17 @@ class Calibration:
         return self.evaluate(examples, features, outputs, labels, "(calibration)").confidences
 
 
-class Task(HubDatasets, DataReport, Calibration):
+class PreAnnotations:
+    """Optional group of the Task contract: `predict --output_format label-studio|doccano` (bert_ft.annotation)."""
+
+    def pre_annotations(self, inputs: list[Any], predict: Callable[[list[Any]], list[dict]]) -> list[Any]:
+        """One `bert_ft.annotation.Prediction` per input text. `inputs` are raw predict inputs or, from an
+        annotation-tool export, its `ToolRecord`s; `predict(items)` returns `results` for raw inputs."""
+        raise UsageError(f"--output_format: the {getattr(self, 'name', 'this')} task does not write pre-annotations "
+                         "for annotation tools; use --output_format json")
+
+
+class Task(HubDatasets, DataReport, Calibration, PreAnnotations):
     """Base class of every task plugin.
 
     What a task must write comes first below: the class attributes without a default, and the methods that raise
