@@ -8,11 +8,10 @@ stale bert_ft.egg-info in the repository root can hide them).
 
 import importlib.util
 import os
-import pkgutil
 import sys
 
 from bert_ft.cli import main
-from bert_ft.plugins import use_task_modules
+from bert_ft.plugins import plugin_modules, use_task_modules
 
 TASKS_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 
@@ -27,7 +26,7 @@ def register_repository_tasks() -> None:
         package = importlib.util.module_from_spec(spec)
         sys.modules["bert_ft_tasks"] = package
         spec.loader.exec_module(package)
-    use_task_modules(f"bert_ft_tasks.{module.name}" for module in pkgutil.iter_modules([TASKS_FOLDER]))
+    use_task_modules(plugin_modules("bert_ft_tasks", TASKS_FOLDER))  # helper modules (joint.py) define no task
 
 
 if __name__ == "__main__":

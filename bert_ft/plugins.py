@@ -16,17 +16,44 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 from importlib.metadata import entry_points
-from typing import Iterable
+from typing import Any, ClassVar, Iterable
 
 from .errors import UsageError
 from .task import Task
 
 ENTRY_POINT_GROUP = "bert_ft.tasks"
+COMMAND_GROUP = "bert_ft.commands"
+
+
+class Command:
+    """A sub-command that is not a task to train (e.g. `extract`, which chains an NER and a relation model folder).
+
+    A plugin module lists its commands in `COMMANDS` (a dict name -> Command subclass), or an installed package
+    declares them in the entry-point group "bert_ft.commands"; the command line gets one sub-command per command,
+    whose flags are the fields of `config_type` (a dataclass of `bert_ft.config.flag` fields)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]  # one line for --help
+    config_type: ClassVar[type]
+    takes_texts: ClassVar[bool] = False  # positional text arguments (like predict's)
+    epilog: ClassVar[str] = ""  # printed after the flags by --help
+
+    def problems(self, config: Any) -> list[str]:
+        """Invalid flags as '--flag: why' lines (all reported at once)."""
+        return []
+
+    def run(self, config: Any, texts: list[str]) -> None:
+        raise NotImplementedError
+
+
+def _defines_commands(value) -> bool:
+    return inspect.ismodule(value) and isinstance(getattr(value, "COMMANDS", None), dict)
 
 
 def _tasks_in(value, origin: str) -> list[type]:
-    """The Task subclasses a module, a dict or a class stands for."""
+    """The Task subclasses a module, a dict or a class stands for (a module may define only commands)."""
     if isinstance(value, dict):
         found = list(value.values())
     elif inspect.ismodule(value):
@@ -38,13 +65,36 @@ def _tasks_in(value, origin: str) -> list[type]:
     else:
         found = [value]
     bad = [item for item in found if not (inspect.isclass(item) and issubclass(item, Task))]
-    if bad or not found:
+    if bad or not (found or _defines_commands(value)):
         raise UsageError(f"{origin}: expected bert_ft.task.Task subclasses, found {bad or 'none'}")
     return found
 
 
+def _commands_in(value, origin: str) -> list[type]:
+    found = list(value.COMMANDS.values()) if _defines_commands(value) else [value] if inspect.isclass(value) and \
+        issubclass(value, Command) else []
+    bad = [item for item in found if not (inspect.isclass(item) and issubclass(item, Command))]
+    if bad:
+        raise UsageError(f"{origin}: COMMANDS must map names to bert_ft.plugins.Command subclasses, found {bad}")
+    return found
+
+
+def plugin_modules(package: str, folder: str) -> list[str]:
+    """The modules of `package` (in `folder`) that define tasks or commands; the others are helpers (a data format,
+    a converter) and are not registered."""
+    names = []
+    for module in pkgutil.iter_modules([folder]):
+        value = importlib.import_module(f"{package}.{module.name}")
+        if _defines_commands(value) or isinstance(getattr(value, "TASKS", None), dict) or any(
+                inspect.isclass(item) and issubclass(item, Task) and item.__module__ == value.__name__
+                and "name" in vars(item) for item in vars(value).values()):
+            names.append(f"{package}.{module.name}")
+    return names
+
+
 _task_modules: list[str] = []  # modules given to use_task_modules (--task_module), in order
 _cache: dict[tuple[str, ...], dict] = {}
+_command_cache: dict[tuple[str, ...], dict] = {}
 
 
 def use_task_modules(modules: Iterable[str]) -> None:
@@ -62,6 +112,30 @@ def registered_tasks() -> dict:
     if key not in _cache:
         _cache[key] = task_registry(key)
     return _cache[key]
+
+
+def registered_commands() -> dict:
+    """{name: Command subclass}: the "bert_ft.commands" entry points plus the `COMMANDS` of the modules given to
+    `use_task_modules`."""
+    key = tuple(_task_modules)
+    if key not in _command_cache:
+        registry: dict = {}
+        sources = []
+        for entry in entry_points(group=COMMAND_GROUP):
+            try:
+                sources.append((f"entry point {entry.name} = {entry.value}", entry.load()))
+            except Exception as error:  # as for tasks: a broken package must not break the others
+                print(f"warning: cannot load the {COMMAND_GROUP} entry point {entry.value}: {error}")
+        sources += [(f"--task_module {module}", importlib.import_module(module)) for module in key]
+        for origin, value in sources:
+            for command in _commands_in(value, origin):
+                known = registry.get(command.name)
+                if known is not None and known is not command:
+                    raise UsageError(f"{origin}: command name {command.name!r} is already taken by "
+                                     f"{known.__module__}.{known.__name__}")
+                registry[command.name] = command
+        _command_cache[key] = registry
+    return _command_cache[key]
 
 
 def task_registry(modules: Iterable[str] = ()) -> dict:

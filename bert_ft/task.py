@@ -227,6 +227,12 @@ class Task(HubDatasets, DataReport, Calibration, PreAnnotations):
         """Invalid task flags as '--flag: why' lines, judged together with the shared TrainConfig."""
         return []
 
+    def model_meta(self, train_examples: Sequence[Any], labels: list[str]) -> dict:
+        """What the model folder's bert_ft.json records about the training data beside the labels (JSON-ready),
+        e.g. the entity types and (head type, tail type) pairs a relation model saw. Called once per run, after the
+        data stage; the default records nothing."""
+        return {}
+
     def default_files(self) -> dict[str, str | None]:
         """{"train", "validation", "test"} -> path or None: the shipped samples used when no data flag is given."""
         return {split: self.samples.get(split) for split in ("train", "validation", "test")}

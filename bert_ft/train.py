@@ -75,7 +75,7 @@ def run(task: Task, config: TrainConfig, task_module: str | None = None, on_epoc
 
     model_dir = os.path.join(config.output_dir, "model")
     meta = {"max_seq_length": data.max_seq_length, "task_options": to_dict(task.options),
-            "task_module": task_module or type(task).__module__}
+            "task_module": task_module or type(task).__module__, **task.model_meta(data.splits.train, data.labels)}
 
     def save_best() -> None:
         if accelerator.is_main_process:

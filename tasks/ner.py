@@ -30,6 +30,8 @@ from bert_ft.metrics import format_table
 from bert_ft.spans import SpanError, SpanProblem, SpanTally, split_words, tag_spans
 from bert_ft.task import Evaluation, Features, Task, sample_path
 from bert_ft.verbosity import counted_warnings
+
+from .joint import joint_record
 SCHEMES = ("auto", "iob1", "iob2", "iobes")
 FOCAL_WITH_CRF = ("--loss focal: not defined with --crf (the CRF's loss is the likelihood of the whole tag "
                   "sequence, not a probability per word to focus on); use --loss cross_entropy with --crf "
@@ -227,6 +229,8 @@ def span_example(record: dict, path: str, number: int, document: int | None, str
     """A span-annotated record (the `entities` list or CLUENER's `label` map) -> words of its text (split_words)
     with IOB2 tags (`bert_ft.spans.tag_spans`); the problems that were repaired are kept in `span_notes`."""
     spans = entity_list_spans(record, path, number) if "entities" in record else cluener_spans(record, path, number)
+    if "relations" in record:  # a joint file (entities + relations): its ids and relations must hold too
+        joint_record(record, spans, path, number)
     try:
         tagged = tag_spans(record["text"], spans)
     except SpanError as error:
@@ -609,6 +613,11 @@ class NerTask(Task):
     def build_labels(self, train_examples: list[NerExample], declared: list[str] | None = None) -> list[str]:
         types = sorted({tag[2:] for example in train_examples for tag in example.tags if tag != "O"})
         return ["O"] + [f"{prefix}-{entity_type}" for entity_type in types for prefix in ("B", "I")]
+
+    def model_meta(self, train_examples, labels: list[str]) -> dict:
+        """The entity types the tagger saw (what `extract` can find; the relation model's type pairs are matched
+        against them)."""
+        return {"entity_types": sorted({label[2:] for label in labels if label != "O"})}
 
     def example_text(self, example: NerExample) -> str:
         return example.text if example.text is not None else " ".join(example.words)

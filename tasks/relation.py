@@ -30,6 +30,9 @@ from bert_ft.metrics import (confusion_matrix, format_confusion, format_table, r
                             semeval_official_score)
 from bert_ft.task import ClassificationTask, Features, label_typer, sample_path
 
+from .joint import JointRecord, candidate_pairs, is_joint, joint_record
+from .ner import entity_list_spans
+
 POOLINGS = ("entity_start", "entity_mean", "cls")
 MARKERS = ("<e1>", "</e1>", "<e2>", "</e2>")
 MARKER_PATTERN = re.compile(r"</?e[12]>")
@@ -52,7 +55,17 @@ class RelationOptions:
                         choices=POOLINGS)
     negative_label: str = flag("auto", "the label meaning 'no relation', left out of the scores: auto = whichever of "
                                f"{', '.join(NEGATIVE_LABELS)} the training labels hold; none = every label is a "
-                               "relation; or a training label")
+                               "relation; or a training label. Joint files (entities + relations): the label of "
+                               "the entity pairs without a relation (auto: no_relation; none: such pairs are left "
+                               "out)")
+    max_negatives_per_record: int | None = flag(None, "joint files: keep at most N of each record's entity pairs "
+                                                "without a relation (a seeded sample; default: all), so that "
+                                                "texts dense with entities do not drown the relations")
+
+    def problems(self, config) -> list[str]:
+        if self.max_negatives_per_record is not None and self.max_negatives_per_record < 0:
+            return [f"--max_negatives_per_record: must be >= 0, got {self.max_negatives_per_record}"]
+        return []
 
 
 def resolve_negative_label(option: str, labels: list[str] | set[str]) -> str | None:
@@ -86,6 +99,10 @@ class RelationExample:
     path: str  # the file, for messages
     line: int  # line of the record (SemEval: its ID line; JSONL: its line)
     raw: dict | None = None  # the predict input it came from (its text, id and spans are echoed in the result)
+    # Joint input (entities + relations): the entity types of the head and the tail, recorded in the model folder
+    # (which type pairs the model saw) so that extraction can skip pairs it never saw.
+    head_type: str | None = None
+    tail_type: str | None = None
 
 
 # --------------------------------------------------------------------------------------------- markers
@@ -265,9 +282,46 @@ class _Lookahead:
         self.number += count
 
 
-def read_jsonl(path: str, lines: Iterable[str]) -> Iterator[RelationExample]:
+JOINT_NEGATIVE = "no_relation"  # the label of unrelated entity pairs of joint files under --negative_label auto
+
+
+def joint_negative_label(option: str) -> str | None:
+    """The label that entity pairs without a relation get in joint files under --negative_label `option` (None:
+    they are left out)."""
+    return {"auto": JOINT_NEGATIVE, "none": None}.get(option, option)
+
+
+def joint_examples(record: JointRecord, negative_label: str | None, max_negatives: int | None = None,
+                   seed: int = 0) -> list[RelationExample]:
+    """The marked relation examples of a validated joint record (`bert_ft_tasks.joint.candidate_pairs`): one per
+    ordered entity pair, `<e1>` around the head and `<e2>` around the tail, labelled with the pair's relation or
+    `negative_label`; each carries the entity types of its head and tail."""
+    examples = []
+    for head, tail, label in candidate_pairs(record, negative_label, max_negatives, seed):
+        first, second = record.entities[head], record.entities[tail]
+        text = mark_spans(record.text, (first.start, first.end), (second.start, second.end))
+        examples.append(RelationExample(f"{record.id}:{first.id or head}->{second.id or tail}", text, label,
+                                        record.path, record.line, head_type=first.type, tail_type=second.type))
+    return examples
+
+
+def read_joint(record: dict, path: str, line: int) -> JointRecord:
+    """A joint JSON object validated: its spans through the one entities reader, then its ids and relations."""
+    if not isinstance(record.get("text"), str) or not record["text"].strip():
+        raise DataError(path, line, "'text' must be a non-empty string", "a joint record is {\"text\", "
+                        "\"entities\", \"relations\"}")
+    return joint_record(record, entity_list_spans(record, path, line), path, line)
+
+
+def read_jsonl(path: str, lines: Iterable[str], negative_label: str | None = JOINT_NEGATIVE,
+               max_negatives: int | None = None) -> Iterator[RelationExample]:
+    """One-pair records (head/tail spans or marked text), or joint records (an `entities` list with ids and
+    `relations` naming them): every ordered pair of a joint record's entities becomes an example."""
     for number, record in read_jsonl_records(path, lines):
-        yield example_from_record(record, path, number)
+        if is_joint(record):
+            yield from joint_examples(read_joint(record, path, number), negative_label, max_negatives)
+        else:
+            yield example_from_record(record, path, number)
 
 
 # ------------------------------------------------------------------------------------------ long inputs
@@ -404,13 +458,38 @@ class RelationTask(ClassificationTask):
 
     def stream(self, path: str) -> Iterator[RelationExample]:
         check_text_file(path)  # encoding problems anywhere in the file are reported before parse errors
-        reader = read_jsonl if looks_like_jsonl(iter_text_lines(path)) else read_semeval
+        if looks_like_jsonl(iter_text_lines(path)):
+            examples = read_jsonl(path, iter_text_lines(path), joint_negative_label(self.options.negative_label),
+                                  self.options.max_negatives_per_record)
+        else:
+            examples = read_semeval(path, iter_text_lines(path))
         count = 0
-        for example in reader(path, iter_text_lines(path)):
+        for example in examples:
             count += 1
             yield example
         if not count:
             raise DataError(path, None, "no examples found", _FORMAT_FIX)
+
+    def problems(self, config) -> list[str]:
+        return self.options.problems(config)
+
+    def model_meta(self, train_examples, labels: list[str]) -> dict:
+        """Joint training data: the entity types the model saw, and each (head type, tail type) pair with how many
+        training pairs of that kind carried a relation (the negative label excluded) and how many did not;
+        `extract` skips candidate pairs of a type pair that never carried a relation."""
+        negative = resolve_negative_label(self.options.negative_label, labels)
+        types, pairs = set(), Counter()
+        for example in train_examples:
+            if example.head_type is None:
+                continue
+            types.update((example.head_type, example.tail_type))
+            pairs[example.head_type, example.tail_type, example.label != negative] += 1
+        if not types:
+            return {}
+        seen = sorted({(head, tail) for head, tail, _ in pairs})
+        return {"entity_types": sorted(types), "negative_label": negative,
+                "type_pairs": [{"head": head, "tail": tail, "relations": pairs[head, tail, True],
+                                "negatives": pairs[head, tail, False]} for head, tail in seen]}
 
     def from_hub(self, dataset, split: str) -> list[RelationExample]:
         """The Hub `sem_eval_2010_task_8` layout: columns `sentence` (marked) and `relation` (class ids)."""
