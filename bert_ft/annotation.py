@@ -524,6 +524,21 @@ def entity_ids(record: ToolRecord) -> dict[str, int]:
     return ids
 
 
+def joint_layout(record: ToolRecord) -> dict:
+    """The record in the joint layout {"id", "text", "entities": [{"id", "start", "end", "type"}], "relations":
+    [{"head", "tail", "label"}]} that the relation task reads (bert_ft_tasks.joint): a span with several labels
+    is one entity with its first label; a span without an id gets one ("s1", "s2", ...)."""
+    entities, seen = [], set()
+    for number, span in enumerate(record.spans, start=1):
+        span_id = span.id if span.id is not None else f"s{number}"
+        if span_id in seen:
+            continue
+        seen.add(span_id)
+        entities.append({"id": span_id, "start": span.start, "end": span.end, "type": span.label})
+    relations = [{"head": head, "tail": tail, "label": label} for head, tail, label in record.relations]
+    return {"id": record.task_id, "text": record.text, "entities": entities, "relations": relations}
+
+
 # ---------------------------------------------------------------------------------------------- writing
 
 @dataclass
@@ -539,6 +554,7 @@ class Prediction:
     data: dict | None = None  # the input's Label Studio data (kept as it was), else {"text": text}
     names: dict = field(default_factory=dict)  # Label Studio control names found in the input
     extra: dict = field(default_factory=dict)  # keys of the input kept in a doccano record (id, meta)
+    relation_layout: bool = False  # doccano: write the relation layout (entities + relations) even without relations
 
 
 def tool_prediction(item: Any, text: str, score: float | None, **parts: Any) -> Prediction:
@@ -587,7 +603,7 @@ def doccano_record(prediction: Prediction) -> dict:
     """A doccano JSONL record to import: sequence labelling {"text", "label": [[s, e, type]]}; with relations the
     relation layout {"text", "entities", "relations"}; text classification {"text", "label": [...]}."""
     record = {**prediction.extra, "text": prediction.text}
-    if prediction.relations:
+    if prediction.relations or prediction.relation_layout:
         numbers = {span_id: number for number, (span_id, *_rest) in enumerate(prediction.spans, start=1)}
         record["entities"] = [{"id": numbers[span_id], "start_offset": start, "end_offset": end, "label": label}
                               for span_id, start, end, label, _ in prediction.spans]
