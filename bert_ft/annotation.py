@@ -109,14 +109,14 @@ class ToolReport:
         if self.tool != "doccano":
             policy = {"first": "the first completed, non-cancelled one", "last": "the last completed, non-cancelled "
                       "one"}.get(self.annotation, f"the one by {self.annotation}")
-            head += (f"; {total} annotations ({self.cancelled} cancelled), {several} tasks with several: "
+            head += (f"; {total} annotations ({self.cancelled} cancelled), {several} task(s) with several: "
                      f"{policy} per task (--annotation)")
         lines = [head]
         if self.annotators:
             lines.append("annotators (tasks used): " + ", ".join(
-                f"{'user ' + name if name.isdigit() else name} {count}" for name, count in self.annotators.most_common()))
+                f"{'user ' + name if name.isdigit() else name}: {count}" for name, count in self.annotators.most_common()))
         if self.annotations and self.tool != "doccano":
-            lines.append("annotations per task: " + ", ".join(f"{number}: {count} tasks" for number, count
+            lines.append("annotations per task: " + ", ".join(f"{number}: {count} task(s)" for number, count
                                                             in sorted(self.annotations.items())))
         for reason, where in self.skipped.items():
             lines.append(f"skipped {len(where)} ({reason}): " + ", ".join(where[:SHOWN])

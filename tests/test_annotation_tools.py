@@ -379,5 +379,5 @@ def test_round_trip_sentence_and_relation_and_check_data(tiny_model_dir, tmp_pat
     assert main(["sentence", "--train_file", str(tmp_path / "sst2.json"), "--model_name_or_path", tiny_model_dir,
                  "--check_data"]) == 0
     out = capsys.readouterr().out
-    assert "25 tasks, 24 used; 25 annotations (1 cancelled), 1 tasks with several" in out
-    assert "annotators (tasks used): ann@x.org 24" in out and "skipped 1 (no annotation): task 99" in out
+    assert "25 tasks, 24 used; 25 annotations (1 cancelled), 1 task(s) with several" in out
+    assert "annotators (tasks used): ann@x.org: 24" in out and "skipped 1 (no annotation): task 99" in out
