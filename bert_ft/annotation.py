@@ -95,6 +95,7 @@ class ToolReport:
     utf16: list = field(default_factory=list)  # records whose spans were converted from UTF-16 units
     unchecked: list = field(default_factory=list)  # records with non-BMP characters and spans without text
     ignored: Counter = field(default_factory=Counter)  # result types not used (e.g. textarea)
+    overlaps: list = field(default_factory=list)  # "task 3: LOC 'New York' ~ ORG 'York Times'" per overlapping pair
     annotation: str = "first"
 
     def skip(self, reason: str, where: str) -> None:
@@ -130,6 +131,10 @@ class ToolReport:
                          "the BMP (e.g. emoji) and the spans carry no text, so code points were assumed (a tool "
                          "counting UTF-16 units would put each span after such a character one place too far): "
                          + ", ".join(self.unchecked[:SHOWN]) + (" ..." if len(self.unchecked) > SHOWN else ""))
+        if self.overlaps:
+            lines.append(f"overlapping or nested spans: {len(self.overlaps)} pairs (NER keeps the longer span of each, "
+                         "relations pair only disjoint entities): " + "; ".join(self.overlaps[:SHOWN])
+                         + (" ..." if len(self.overlaps) > SHOWN else ""))
         if self.ignored:
             lines.append("result types not used: " + ", ".join(f"{kind} {count}" for kind, count
                                                               in self.ignored.most_common()))
@@ -470,6 +475,16 @@ def _doccano(path: str, report: ToolReport) -> Iterator[ToolRecord]:
         yield record
 
 
+def _count_overlaps(record: ToolRecord, report: ToolReport) -> None:
+    spans = sorted({(span.start, span.end, span.label) for span in record.spans})
+    for index, (start, end, label) in enumerate(spans):
+        for other_start, other_end, other_label in spans[index + 1:]:
+            if other_start >= end:
+                break
+            report.overlaps.append(f"{record.where}: {label} {record.text[start:end]!r} ~ {other_label} "
+                                   f"{record.text[other_start:other_end]!r}")
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 
 def read_tool_records(path: str, tool: str, annotation: str = "first", text_key: str | None = None,
@@ -493,6 +508,7 @@ def read_tool_records(path: str, tool: str, annotation: str = "first", text_key:
             report.skip("empty text", record.where)
             continue
         _fix_offsets(record, path, report)
+        _count_overlaps(record, report)
         if record.annotator is not None:
             report.annotators[record.annotator] += 1
         report.used += 1

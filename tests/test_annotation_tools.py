@@ -13,11 +13,11 @@ from transformers import AutoTokenizer
 from bert_ft.annotation import ToolReport, detect_tool, read_tool_records
 from bert_ft.cli import main
 from bert_ft.errors import DataError
-from bert_ft.spans import split_words
 from bert_ft_tasks.ner import NerOptions, NerTask
 from bert_ft_tasks.relation import RelationOptions, RelationTask
 from bert_ft_tasks.sentence import SentenceOptions, SentenceTask
 from tests.conftest import shared_path
+from tests.test_own_data import conll_twin  # the CoNLL file of span records: split_words tokens, tags by hand
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -72,20 +72,6 @@ def write_json(path, value) -> str:
 def write_jsonl(path, records, newline="\n") -> str:
     path.write_text("".join(json.dumps(record, ensure_ascii=False) + newline for record in records), encoding="utf-8")
     return str(path)
-
-
-def conll_twin(records) -> list[str]:
-    """The CoNLL file of the same sentences: tokens are split_words of each text, tags from the spans by hand."""
-    lines = []
-    for text, spans in records:
-        for word, start, end in split_words(text):
-            tag = "O"
-            for span_start, span_end, label in spans:
-                if span_start <= start and end <= span_end:
-                    tag = ("B-" if start == span_start else "I-") + label
-            lines.append(f"{word} {tag}")
-        lines.append("")
-    return lines
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +131,7 @@ def test_awkward_spans_are_counted_named_converted_or_refused(tmp_path):
     records = list(read_tool_records(path, "label-studio", report=report))
     assert [(span.start, span.end) for span in records[2].spans] == [(10, 13), (17, 21)]
     assert report.utf16 == ["task 3"] and report.used == 4
+    assert report.overlaps == ["task 1: PER 'Acme' ~ ORG 'Acme Ltd'"]
     assert report.skipped == {"empty text": ["task 5"], "every annotation cancelled": ["task 6"]}
     examples = NerTask(NerOptions()).read(path)
     assert examples[0].tags == ["B-ORG", "I-ORG", "O", "B-LOC", "O", "B-PER", "O"]
