@@ -203,10 +203,15 @@ def detect_tool(path: str) -> str | None:
     check_text_file(path)
     first = first_content_line(iter_text_lines(path)).lstrip()
     if first.startswith("["):
-        elements = _json_array(path)
+        try:
+            elements = _json_array(path)
+        except DataError:
+            if first.rstrip() == "[" or first[1:].lstrip().startswith("{"):
+                raise  # a damaged export: say where
+            return None  # e.g. a CoNLL file whose first token is "["
+        if not elements or not any(isinstance(element, dict) for _, element in elements):
+            return None
         tasks = [element for _, element in elements if isinstance(element, dict)]
-        if not tasks:
-            raise DataError(path, None, "a JSON array without tasks", _LS_FIX)
         if any("annotations" in task or "completions" in task or ("data" in task and "predictions" in task)
                for task in tasks):
             return "label-studio"

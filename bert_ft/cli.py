@@ -22,7 +22,7 @@ from .export import ExportConfig, export
 from .hpsearch import search
 from .model_folder import load_model
 from .plugins import ENTRY_POINT_GROUP, registered_tasks, split_task_modules, use_task_modules
-from .prediction import plain_inputs, predict_examples, read_inputs, write_pre_annotations, write_results
+from .prediction import predict_examples, read_inputs, write_pre_annotations, write_results
 from .train import run
 from .verbosity import set_verbose
 
@@ -162,7 +162,7 @@ def predict_command(config: PredictConfig, texts: list[str]) -> None:
                                 config.input_is_document)
 
     if config.output_format == "json":
-        write_results(predict(plain_inputs(inputs)), config.output_file,
+        write_results(predict(task.tool_inputs(inputs)), config.output_file,
                       f"{meta['task']} predictions of {config.model_dir}")
         return
     folder = os.path.abspath(config.model_dir)

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .annotation import ToolRecord, detect_tool, read_tool_records, tool_output
+from .annotation import detect_tool, read_tool_records, tool_output
 from .data import Collator, looks_like_jsonl, read_jsonl_records, read_text_lines
 from .errors import DataError, UsageError
 from .inference import eval_loader, infer
@@ -55,11 +55,6 @@ def read_inputs(texts: list[str], input_file: str | None) -> list:
     if not inputs:
         raise DataError(source, None, "no input text", "give texts as arguments, --input_file, or on stdin")
     return inputs
-
-
-def plain_inputs(inputs: list) -> list:
-    """Tool records as {"text"} inputs (predict's JSON output on an export); other inputs as they are."""
-    return [{"text": item.text} if isinstance(item, ToolRecord) else item for item in inputs]
 
 
 def write_pre_annotations(predictions: list, output_format: str, model_version: str, output_file: str | None

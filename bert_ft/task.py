@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
+from .annotation import ToolRecord
 from .errors import UsageError
 from .io import atomic_write_lines
 from .metrics import confusion_matrix
@@ -123,7 +124,13 @@ class Calibration:
 
 
 class PreAnnotations:
-    """Optional group of the Task contract: `predict --output_format label-studio|doccano` (bert_ft.annotation)."""
+    """Optional group of the Task contract: predict on annotation-tool exports and `predict --output_format
+    label-studio|doccano` (bert_ft.annotation)."""
+
+    def tool_inputs(self, inputs: list[Any]) -> list[Any]:
+        """Raw predict inputs (`input_examples`' kind) from an export's `ToolRecord`s, for predict's JSON output:
+        by default each record's text; other inputs as they are."""
+        return [{"text": item.text} if isinstance(item, ToolRecord) else item for item in inputs]
 
     def pre_annotations(self, inputs: list[Any], predict: Callable[[list[Any]], list[dict]]) -> list[Any]:
         """One `bert_ft.annotation.Prediction` per input text. `inputs` are raw predict inputs or, from an

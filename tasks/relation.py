@@ -341,6 +341,17 @@ def read_tool(path: str, tool: str, options: RelationOptions) -> Iterator[Relati
         print(f"{path}: {line}")
 
 
+def _record_pairs(record: ToolRecord, number: int) -> tuple[JointRecord, list[tuple[int, int, str]], list[dict]]:
+    """An export record for predict: its joint record, every ordered pair of its entities (`candidate_pairs`), and
+    each pair as a predict input {"id": "TASK:HEAD->TAIL", "text", "head", "tail"}."""
+    joint = read_joint(joint_layout(record), "input", record.line or number)
+    pairs = candidate_pairs(joint, "")
+    items = [{"id": f"{record.task_id}:{joint.entities[head].id}->{joint.entities[tail].id}", "text": record.text,
+              "head": [joint.entities[head].start, joint.entities[head].end],
+              "tail": [joint.entities[tail].start, joint.entities[tail].end]} for head, tail, _ in pairs]
+    return joint, pairs, items
+
+
 def _unmarked(text: str) -> tuple[str, tuple[int, int], tuple[int, int]]:
     """A marked text without its markers, and the head and tail spans in it."""
     plain, spans, opened = [], {}, {}
@@ -698,53 +709,54 @@ class RelationTask(ClassificationTask):
             examples.append(example)
         return examples
 
+    def tool_inputs(self, inputs: list) -> list:
+        """An export's records as marked pairs: every ordered pair of each record's entities (`candidate_pairs`),
+        with the id "TASK:HEAD->TAIL" (entity ids of the export)."""
+        return [pair for number, item in enumerate(inputs, start=1)
+                for pair in (_record_pairs(item, number)[2] if isinstance(item, ToolRecord) else [item])]
+
     def pre_annotations(self, inputs: list, predict) -> list[Prediction]:
         """Label Studio / doccano pre-annotations. An export's record: its entities are kept, every ordered pair of
         them (`candidate_pairs`) is classified, and the pairs predicted as a relation (not the negative label) are
-        written with their probability as score. A raw input is one marked pair: its two spans (typed by the
-        input's "head_type"/"tail_type", else "entity") and the relation unless it is the negative label."""
-        items, pairs_of = [], []
-        for number, item in enumerate(inputs, start=1):
-            if isinstance(item, ToolRecord):
-                joint = read_joint(joint_layout(item), "input", item.line or number)
-                pairs = candidate_pairs(joint, "")
-                items += [{"text": item.text, "head": [joint.entities[head].start, joint.entities[head].end],
-                           "tail": [joint.entities[tail].start, joint.entities[tail].end]} for head, tail, _ in pairs]
-                pairs_of.append((joint, pairs))
-            else:
-                items.append(item)
-                pairs_of.append(None)
-        results = iter(predict(items)) if items else iter([])
+        written with their probability as score (the record's score: the lowest of them). A raw input is one
+        marked pair: its two spans (typed by the input's "head_type"/"tail_type", else "entity") and the relation
+        unless it is the negative label."""
+        groups = [_record_pairs(item, number) if isinstance(item, ToolRecord) else None
+                  for number, item in enumerate(inputs, start=1)]
+        items = [pair for item, group in zip(inputs, groups) for pair in (group[2] if group else [item])]
+        results = iter(predict(items) if items else [])
         predictions = []
-        for item, pairs in zip(inputs, pairs_of):
-            if pairs is None:
+        for item, group in zip(inputs, groups):
+            if group is None:
                 result = next(results)
                 record = {"text": item} if isinstance(item, str) else item
                 if "head" in record and "tail" in record:
                     text, head, tail = record["text"], tuple(record["head"]), tuple(record["tail"])
                 else:
                     text, head, tail = _unmarked(record["text"])
-                negative = resolve_negative_label(self.options.negative_label, set(result["probabilities"]))
                 spans = [("head", head[0], head[1], str(record.get("head_type", "entity")), None),
                          ("tail", tail[0], tail[1], str(record.get("tail_type", "entity")), None)]
-                relations = [] if str(result["label"]) == negative else \
-                    [("head", "tail", str(result["label"]), result["probability"])]
+                relations = [("head", "tail", str(result["label"]), result["probability"])] \
+                    if self._is_relation(result) else []
                 predictions.append(tool_prediction(record, text, result["probability"], spans=spans,
                                                    relations=relations, relation_layout=True))
                 continue
-            joint, candidates = pairs
+            joint, pairs, _ = group
             spans = [(entity.id, entity.start, entity.end, entity.type, None) for entity in joint.entities]
             relations = []
-            for head, tail, _ in candidates:
+            for head, tail, _ in pairs:
                 result = next(results)
-                negative = resolve_negative_label(self.options.negative_label, set(result["probabilities"]))
-                if str(result["label"]) != negative:
+                if self._is_relation(result):
                     relations.append((joint.entities[head].id, joint.entities[tail].id, str(result["label"]),
                                       result["probability"]))
             score = min((relation[3] for relation in relations), default=None)
             predictions.append(tool_prediction(item, item.text, score, spans=spans, relations=relations,
                                                relation_layout=True))
         return predictions
+
+    def _is_relation(self, result: dict) -> bool:
+        """Whether a predicted label is a relation (not the negative label of the model's labels)."""
+        return str(result["label"]) != resolve_negative_label(self.options.negative_label, set(result["probabilities"]))
 
     def results(self, examples, features, outputs, labels) -> list[dict]:
         """Per input {"text", "label", "probability", "probabilities": {label: p}} (+ its id/head/tail)."""

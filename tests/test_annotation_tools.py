@@ -110,6 +110,9 @@ def test_conll_slice_from_each_export_encodes_like_its_conll_twin(tmp_path, toke
         ["label-studio", "label-studio-min", "doccano", None]
     for path in (label_studio, json_min, doccano):
         assert features_of(task, path, tokenizer, labels) == (labels, expected), path
+    bracket = tmp_path / "bracket.txt"  # a CoNLL file whose first token is "[" is not taken for a JSON export
+    bracket.write_text("[ O\nsee O\n] O\n\nParis B-LOC\n", encoding="utf-8")
+    assert detect_tool(str(bracket)) is None and len(task.read(str(bracket))) == 2
 
 
 def test_awkward_spans_are_counted_named_converted_or_refused(tmp_path):
@@ -132,6 +135,12 @@ def test_awkward_spans_are_counted_named_converted_or_refused(tmp_path):
     assert [(span.start, span.end) for span in records[2].spans] == [(10, 13), (17, 21)]
     assert report.utf16 == ["task 3"] and report.used == 4
     assert report.overlaps == ["task 1: PER 'Acme' ~ ORG 'Acme Ltd'"]
+    # a nested span of the same type that snaps onto the same words is reported, not merged away
+    nested = write_jsonl(tmp_path / "nested.jsonl", [{"id": 1, "text": "Ada met Bob\r\nin Paris.",
+                                                      "label": [[0, 3, "PER"], [16, 21, "LOC"], [16, 18, "LOC"]]}])
+    [example] = NerTask(NerOptions()).read(nested)
+    assert example.tags == ["B-PER", "O", "O", "O", "B-LOC", "O"]
+    assert [note.split(":")[0] for note in example.span_notes] == ["snapped", "overlap"]
     assert report.skipped == {"empty text": ["task 5"], "every annotation cancelled": ["task 6"]}
     examples = NerTask(NerOptions()).read(path)
     assert examples[0].tags == ["B-ORG", "I-ORG", "O", "B-LOC", "O", "B-PER", "O"]
@@ -356,6 +365,19 @@ def test_round_trip_sentence_and_relation_and_check_data(tiny_model_dir, tmp_pat
          if item["type"] == "relation"] for task in written]
     doccano = read_lines(predict(relation_model, relation_export, "doccano", tmp_path / "rel-pre.jsonl"))
     assert all({"entities", "relations"} <= set(row) for row in doccano)
+    assert [len(row["relations"]) for row in doccano] == [len(record.relations) for record in back]
+    # JSON output on an export: every ordered entity pair, named TASK:HEAD->TAIL; a raw marked pair pre-annotated
+    assert main(["predict", "--model_dir", relation_model, "--input_file", relation_export, "--output_file",
+                 str(tmp_path / "pairs.jsonl")]) == 0
+    assert [row["id"] for row in read_lines(tmp_path / "pairs.jsonl")][:2] == ["1:s0->s1", "1:s1->s0"]
+    assert len(read_lines(tmp_path / "pairs.jsonl")) == 2 * len(records)
+    marked = tmp_path / "marked.txt"
+    marked.write_text("The <e1>burst</e1> was caused by the <e2>pressure</e2>.\n", encoding="utf-8")
+    [task] = json.loads(open(predict(relation_model, str(marked), "label-studio", tmp_path / "m.json"),
+                             encoding="utf-8").read())
+    assert task["data"]["text"] == "The burst was caused by the pressure."
+    assert [item["value"]["text"] for item in task["predictions"][0]["result"] if item["type"] == "labels"] == \
+        ["burst", "pressure"]
     # --check_data on an export: annotations per task, annotators, skipped tasks
     with open(export, encoding="utf-8") as handle:
         tasks = json.load(handle)
