@@ -30,13 +30,14 @@ model_version, score and results; doccano JSONL) from `Prediction`s, which each 
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from .config import flag
-from .data import check_text_file, first_content_line, iter_text_lines, read_jsonl_records
+from .data import first_content_line, iter_text_lines, read_jsonl_records
 from .errors import DataError, UsageError
 
 TOOLS = {"label-studio": "Label Studio JSON export", "label-studio-min": "Label Studio JSON-MIN export",
@@ -143,45 +144,47 @@ class ToolReport:
 
 # ---------------------------------------------------------------------------------------------- detection
 
-def _json_array(path: str) -> list[tuple[int, Any]]:
-    """(line, element) of each element of a JSON array file, parsed element by element so that messages name the
-    line where each task starts."""
+def _json_array(path: str) -> Iterator[tuple[int, Any]]:
+    """(line, element) of each element of a JSON array file, parsed one element at a time (so detection reads only
+    the first ones, and messages name the line where each task starts)."""
     text = "\n".join(iter_text_lines(path))
     decoder = json.JSONDecoder()
-    position = text.index("[") + 1
-    elements = []
+    position, line, counted = text.index("[") + 1, 1, 0
 
     def skip_space(index: int) -> int:
         while index < len(text) and text[index] in " \t\r\n":
             index += 1
         return index
 
+    def line_at(index: int) -> int:  # counted incrementally: a large export is scanned once
+        nonlocal line, counted
+        line += text.count("\n", counted, index)
+        counted = index
+        return line
+
     position = skip_space(position)
     if position < len(text) and text[position] == "]":
-        return elements
+        return
     while True:
         position = skip_space(position)
-        line = text.count("\n", 0, position) + 1
+        start_line = line_at(position)
         try:
             element, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
             raise DataError(path, error.lineno, f"not valid JSON ({error.msg}, column {error.colno})",
                             _LS_FIX) from None
         except RecursionError:
-            raise DataError(path, line, "JSON nested too deeply to read", _LS_FIX) from None
-        elements.append((line, element))
+            raise DataError(path, start_line, "JSON nested too deeply to read", _LS_FIX) from None
+        yield start_line, element
         position = skip_space(position)
         if position < len(text) and text[position] == ",":
             position += 1
             continue
         if position < len(text) and text[position] == "]":
-            rest = text[position + 1:].strip()
-            if rest:
-                raise DataError(path, text.count("\n", 0, position) + 1, "text after the end of the JSON array",
-                                _LS_FIX)
-            return elements
-        raise DataError(path, text.count("\n", 0, position) + 1, "expected ',' or ']' between the tasks of the "
-                        "JSON array", _LS_FIX)
+            if text[position + 1:].strip():
+                raise DataError(path, line_at(position), "text after the end of the JSON array", _LS_FIX)
+            return
+        raise DataError(path, line_at(position), "expected ',' or ']' between the tasks of the JSON array", _LS_FIX)
 
 
 def _is_doccano(record: dict) -> bool:
@@ -200,18 +203,17 @@ def _is_doccano(record: dict) -> bool:
 
 def detect_tool(path: str) -> str | None:
     """"label-studio", "label-studio-min", "doccano" or None (not an annotation-tool export), from the content."""
-    check_text_file(path)
     first = first_content_line(iter_text_lines(path)).lstrip()
     if first.startswith("["):
         try:
-            elements = _json_array(path)
+            tasks = [element for _, element in itertools.islice(_json_array(path), 20)]
         except DataError:
             if first.rstrip() == "[" or first[1:].lstrip().startswith("{"):
                 raise  # a damaged export: say where
             return None  # e.g. a CoNLL file whose first token is "["
-        if not elements or not any(isinstance(element, dict) for _, element in elements):
+        tasks = [task for task in tasks if isinstance(task, dict)]
+        if not tasks:
             return None
-        tasks = [element for _, element in elements if isinstance(element, dict)]
         if any("annotations" in task or "completions" in task or ("data" in task and "predictions" in task)
                for task in tasks):
             return "label-studio"
@@ -378,12 +380,20 @@ def _label_studio(path: str, policy: str, text_key: str | None, source: str, rep
         results = chosen.get("result", [])
         if not isinstance(results, list):
             raise DataError(path, line, f"{where}: \"result\" is not a list", _LS_FIX)
-        to_names = {str(item.get("to_name")) for item in results if isinstance(item, dict) and item.get("to_name")}
+        to_names = {str(item.get("to_name")) for item in results if isinstance(item, dict) and item.get("to_name")
+                    and str(item.get("type", "")).lower() in ("labels", "hypertextlabels", "choices")}
         key = _text_key(task["data"], text_key, to_names, path, line, where)
         text = task["data"][key]
         if not isinstance(text, str):
             raise DataError(path, line, f"{where}: data.{key} is {json.dumps(text)[:60]}, not a text",
                             "name the data key that holds the text with --text_column")
+        if len(to_names) > 1:  # several Text tags: keep the labels of the one read (its tag named like its key)
+            if key not in to_names:
+                raise DataError(path, line, f"{where}: the labels point at several texts (to_name "
+                                f"{', '.join(sorted(to_names))}); bert-ft reads one text per task",
+                                "name the text with --text_column, its data key being the name of its Text tag, or "
+                                "label one text per task")
+            results = [item for item in results if not isinstance(item, dict) or item.get("to_name") in (None, key)]
         record = ToolRecord(text, line, where, task.get("id", ordinal), annotator=_annotator(chosen),
                             data=task["data"])
         record.names["text_key"] = key
@@ -534,15 +544,6 @@ def tool_summary(path: str, **read_options) -> list[str]:
     for _ in read_tool_records(path, tool, report=report, **read_options):
         pass
     return report.lines()
-
-
-def entity_ids(record: ToolRecord) -> dict[str, int]:
-    """Span id -> position in record.spans (the first span of an id: a span with two labels is listed twice)."""
-    ids: dict[str, int] = {}
-    for index, span in enumerate(record.spans):
-        if span.id is not None:
-            ids.setdefault(span.id, index)
-    return ids
 
 
 def joint_layout(record: ToolRecord) -> dict:
