@@ -388,7 +388,7 @@ def _label_studio(path: str, policy: str, text_key: str | None, source: str, rep
             raise DataError(path, line, f"{where}: data.{key} is {json.dumps(text)[:60]}, not a text",
                             "name the data key that holds the text with --text_column")
         if len(to_names) > 1:  # several Text tags: keep the labels of the one read (its tag named like its key)
-            if key not in to_names:
+            if text_key is None or key not in to_names:
                 raise DataError(path, line, f"{where}: the labels point at several texts (to_name "
                                 f"{', '.join(sorted(to_names))}); bert-ft reads one text per task",
                                 "name the text with --text_column, its data key being the name of its Text tag, or "

@@ -36,7 +36,9 @@ output fields:
                             higher than probability for long or uncertain spans, not calibrated
   relation   label, probability (of that label, calibrated as above), probabilities (every label)
   sentence   label, probabilities (of every label, calibrated as above; the label has the highest)
-Labels keep their type: a model trained on integer labels (e.g. 1-5 star ratings) predicts integers."""
+Labels keep their type: a model trained on integer labels (e.g. 1-5 star ratings) predicts integers.
+--output_format label-studio|doccano writes pre-annotations to import into those tools instead (scores: the
+probabilities above); an --input_file exported from either tool is read as its tasks."""
 
 
 @dataclass

@@ -154,6 +154,18 @@ def test_awkward_spans_are_counted_named_converted_or_refused(tmp_path):
     with pytest.raises(DataError, match=r"bad\.json:\d+: task 2: the span PER \[10, 13\) covers 'Bob' but its "
                                         r"text is 'Rob'"):
         NerTask(NerOptions()).read(bad)
+    # two Text tags in one task: refused unless --text_column names one (then only its labels are read)
+    two = {"id": 7, "data": {"title": "Rome news", "body": "Ann is in Rome."}, "annotations": [{"result": [
+        {"id": "t", "from_name": "label", "to_name": "title", "type": "labels",
+         "value": {"start": 0, "end": 4, "text": "Rome", "labels": ["LOC"]}},
+        {"id": "b", "from_name": "label", "to_name": "body", "type": "labels",
+         "value": {"start": 0, "end": 3, "text": "Ann", "labels": ["PER"]}}]}]}
+    both = write_json(tmp_path / "two.json", [two])
+    with pytest.raises(DataError, match=r"two\.json:2: task 7: the labels point at several texts \(to_name body, "
+                                        r"title\)"):
+        NerTask(NerOptions()).read(both)
+    [body] = NerTask(NerOptions(text_column="body")).read(both)
+    assert body.tags == ["B-PER", "O", "O", "O", "O"]
     # doccano spans carry no text: with characters outside the BMP the offsets cannot be checked, which is said.
     doccano = write_jsonl(tmp_path / "d.jsonl", [{"id": 1, "text": emoji, "label": [[10, 13, "PER"]]},
                                                  {"id": 2, "text": "Plain.", "label": []}], newline="\r\n")
