@@ -128,9 +128,9 @@ class ToolReport:
                          "matched only when counting UTF-16 code units, as older Label Studio and JavaScript tools "
                          "do): " + ", ".join(self.utf16[:SHOWN]) + (" ..." if len(self.utf16) > SHOWN else ""))
         if self.unchecked:
-            lines.append(f"offsets not checkable in {len(self.unchecked)} records: the text has characters outside "
-                         "the BMP (e.g. emoji) and the spans carry no text, so code points were assumed (a tool "
-                         "counting UTF-16 units would put each span after such a character one place too far): "
+            lines.append(f"offsets not checkable in {len(self.unchecked)} records: spans without their text follow "
+                         "a character outside the BMP (e.g. an emoji), so code points were assumed (a tool counting "
+                         "UTF-16 units would put each such span one place too far per character): "
                          + ", ".join(self.unchecked[:SHOWN]) + (" ..." if len(self.unchecked) > SHOWN else ""))
         if self.overlaps:
             lines.append(f"overlapping or nested spans: {len(self.overlaps)} pairs (NER keeps the longer span of each, "
@@ -267,8 +267,10 @@ def _fix_offsets(record: ToolRecord, path: str, report: ToolReport) -> None:
                         "start/end (0-based characters, end exclusive) or its text")
     if converted:
         report.utf16.append(record.where)
-    elif has_non_bmp(text) and record.spans and any(span.text is None for span in record.spans):
-        report.unchecked.append(record.where)
+    else:  # only a span after a character outside the BMP can be shifted by UTF-16 counting
+        first = next((index for index, char in enumerate(text) if ord(char) > 0xFFFF), None)
+        if first is not None and any(span.text is None and span.end > first for span in record.spans):
+            report.unchecked.append(record.where)
 
 
 # ---------------------------------------------------------------------------------------------- Label Studio
