@@ -187,18 +187,27 @@ def _json_array(path: str) -> Iterator[tuple[int, Any]]:
         raise DataError(path, line_at(position), "expected ',' or ']' between the tasks of the JSON array", _LS_FIX)
 
 
-def _is_doccano(record: dict) -> bool:
+def _is_doccano(record: dict) -> bool | None:
+    """Whether a JSON Lines record is a doccano export's; None when it cannot tell (no span, no label)."""
     if not isinstance(record.get("text"), str):
         return False
     entities = record.get("entities")
-    if isinstance(entities, list) and entities and isinstance(entities[0], dict) and "start_offset" in entities[0]:
-        return True
+    if isinstance(entities, list):
+        if not entities:
+            return None
+        return isinstance(entities[0], dict) and "start_offset" in entities[0]
     label = record.get("label")
-    if isinstance(label, list) and label and all(isinstance(item, list) for item in label):
+    if not isinstance(label, list):
+        return False
+    if not label:
+        return None  # an empty list: spans or classes, from doccano or not, the next records tell
+    if all(isinstance(item, list) for item in label):
         return True  # sequence labelling: [[start, end, type], ...]
     # text classification: doccano always writes its integer id and a list of labels
-    return (isinstance(label, list) and isinstance(record.get("id"), int) and not isinstance(record["id"], bool)
-            and all(isinstance(item, str) for item in label))
+    if isinstance(record.get("id"), int) and not isinstance(record["id"], bool) \
+            and all(isinstance(item, str) for item in label):
+        return True
+    return False
 
 
 def detect_tool(path: str) -> str | None:
@@ -220,10 +229,9 @@ def detect_tool(path: str) -> str | None:
         return "label-studio-min"
     if first.startswith("{"):
         for index, (_, record) in enumerate(read_jsonl_records(path, iter_text_lines(path))):
-            if _is_doccano(record):
-                return "doccano"
-            if index >= 20:
-                break
+            found = _is_doccano(record)
+            if found is not None or index >= 1000:  # the first record that shows it (unlabelled ones do not)
+                return "doccano" if found else None
     return None
 
 

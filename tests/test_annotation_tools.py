@@ -169,6 +169,8 @@ def test_awkward_spans_are_counted_named_converted_or_refused(tmp_path):
     # doccano spans carry no text: with characters outside the BMP the offsets cannot be checked, which is said.
     doccano = write_jsonl(tmp_path / "d.jsonl", [{"id": 1, "text": emoji, "label": [[10, 13, "PER"]]},
                                                  {"id": 2, "text": "Plain.", "label": []}], newline="\r\n")
+    assert detect_tool(write_jsonl(tmp_path / "late.jsonl", [{"text": "No entity.", "label": []},
+                                                           {"text": "Ann ran.", "label": [[0, 3, "PER"]]}])) == "doccano"
     report = ToolReport("doccano")
     list(read_tool_records(doccano, "doccano", report=report))
     assert report.unchecked == ["line 1"] and any("not checkable in 1 records" in line for line in report.lines())
