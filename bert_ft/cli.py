@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from .annotation import OUTPUT_FORMATS
 from .check_data import data_report
 from .config import TrainConfig, add_dataclass_flags, flag, resolve
 from .data_stage import prepare_data
@@ -21,7 +22,7 @@ from .export import ExportConfig, export
 from .hpsearch import search
 from .model_folder import load_model
 from .plugins import ENTRY_POINT_GROUP, registered_commands, registered_tasks, split_task_modules, use_task_modules
-from .prediction import predict_examples, read_inputs, write_results
+from .prediction import predict_examples, read_inputs, write_pre_annotations, write_results
 from .train import run
 from .verbosity import set_verbose
 
@@ -35,7 +36,9 @@ output fields:
                             higher than probability for long or uncertain spans, not calibrated
   relation   label, probability (of that label, calibrated as above), probabilities (every label)
   sentence   label, probabilities (of every label, calibrated as above; the label has the highest)
-Labels keep their type: a model trained on integer labels (e.g. 1-5 star ratings) predicts integers."""
+Labels keep their type: a model trained on integer labels (e.g. 1-5 star ratings) predicts integers.
+--output_format label-studio|doccano writes pre-annotations to import into those tools instead (scores: the
+probabilities above); an --input_file exported from either tool is read as its tasks."""
 
 
 @dataclass
@@ -43,6 +46,10 @@ class PredictConfig:
     model_dir: str = flag(None, "a bert-ft model folder (RUN/model)")
     input_file: str | None = flag(None, "one text per line, or JSONL with a \"text\" key (default: arguments or stdin)")
     output_file: str | None = flag(None, "write JSONL here (default: stdout)")
+    output_format: str = flag("json", "json: one result per input (JSONL); label-studio: tasks with predictions "
+                              "(model_version, scores) to import into Label Studio; doccano: JSONL to import into "
+                              "doccano. An --input_file exported from either tool is read as its tasks",
+                              choices=OUTPUT_FORMATS)
     max_seq_length: int | None = flag(None, "window size in sub-words (default: the training run's)")
     input_is_document: bool = flag(False, "the inputs are consecutive sentences of one document: each gets its "
                                    "neighbours as context (NER models trained with --context_size)")
@@ -167,9 +174,20 @@ def predict_command(config: PredictConfig, texts: list[str]) -> None:
     model, tokenizer, meta = load_model(config.model_dir)
     task_type = registered_tasks()[meta["task"]]
     task = task_type(task_type.options_type(**meta.get("task_options", {})))
-    results = predict_examples(task, model, tokenizer, inputs, config.max_seq_length or meta.get("max_seq_length", 128),
-                               config.batch_size, config.input_is_document)
-    write_results(results, config.output_file, f"{meta['task']} predictions of {config.model_dir}")
+    max_seq_length = config.max_seq_length or meta.get("max_seq_length", 128)
+
+    def predict(items: list) -> list[dict]:
+        return predict_examples(task, model, tokenizer, items, max_seq_length, config.batch_size,
+                                config.input_is_document)
+
+    if config.output_format == "json":
+        write_results(predict(task.tool_inputs(inputs)), config.output_file,
+                      f"{meta['task']} predictions of {config.model_dir}")
+        return
+    folder = os.path.abspath(config.model_dir)
+    model_version = f"bert-ft {meta['task']} {os.path.basename(os.path.dirname(folder))}/{os.path.basename(folder)}"
+    write_pre_annotations(task.pre_annotations(inputs, predict), config.output_format, model_version,
+                          config.output_file)
 
 
 def check_data_command(task, config: TrainConfig) -> None:

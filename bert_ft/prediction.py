@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
+from .annotation import detect_tool, read_tool_records, tool_output
 from .data import Collator, looks_like_jsonl, read_jsonl_records, read_text_lines
 from .errors import DataError, UsageError
 from .inference import eval_loader, infer, packing_is_exact
@@ -52,6 +53,11 @@ def read_inputs(texts: list[str], input_file: str | None) -> list:
     """Raw inputs: text arguments, else --input_file (one text per line, or JSONL objects), else stdin."""
     if texts:
         return list(texts)
+    if input_file and detect_tool(input_file):  # a Label Studio / doccano export: every task, as ToolRecords
+        records = list(read_tool_records(input_file, detect_tool(input_file), source="any"))
+        if not records:
+            raise DataError(input_file, None, "no task with a text", "export the tasks to pre-annotate")
+        return records
     if input_file:
         lines, source = read_text_lines(input_file), input_file
     else:
@@ -63,6 +69,20 @@ def read_inputs(texts: list[str], input_file: str | None) -> list:
     if not inputs:
         raise DataError(source, None, "no input text", "give texts as arguments, --input_file, or on stdin")
     return inputs
+
+
+def write_pre_annotations(predictions: list, output_format: str, model_version: str, output_file: str | None
+                          ) -> None:
+    """The file an annotation tool imports: a Label Studio task array or doccano JSON Lines (to stdout without
+    --output_file)."""
+    lines = tool_output(predictions, output_format, model_version)
+    if output_file:
+        atomic_write_lines(output_file, lines)
+        what = "Label Studio tasks with predictions (JSON)" if output_format == "label-studio" else \
+            "doccano records (JSON Lines)"
+        print(f"wrote {len(predictions)} {what} to {output_file}", file=sys.stderr)
+    else:
+        sys.stdout.write("".join(line + "\n" for line in lines))
 
 
 def write_results(results: Iterable[dict], output_file: str | None, what: str = "predictions") -> None:

@@ -105,9 +105,9 @@ def tag_spans(text: str, spans: Iterable[tuple[int, int, str]]) -> TaggedText:
         if not covered:
             raise SpanError(f"span [{start}, {end}) of {label!r} covers only whitespace ({text[start:end]!r})")
         first, last = covered[0], covered[-1]
-        if (first, last, label) in seen:
-            continue
-        seen.add((first, last, label))
+        if (start, end, label) in seen:  # the very same span given twice; a different one that snaps onto the
+            continue                     # same words is reported (snapped, then overlap), never merged silently
+        seen.add((start, end, label))
         if offsets[first][0] < start or offsets[last][1] > end:
             widened = text[offsets[first][0]:offsets[last][1]]
             problems.append(SpanProblem("snapped", start, end, label, text[start:end],

@@ -20,8 +20,9 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
+from .annotation import ToolRecord
 from .errors import UsageError
 from .io import atomic_write_lines
 from .metrics import confusion_matrix
@@ -122,7 +123,23 @@ class Calibration:
         return self.evaluate(examples, features, outputs, labels, "(calibration)").confidences
 
 
-class Task(HubDatasets, DataReport, Calibration):
+class PreAnnotations:
+    """Optional group of the Task contract: predict on annotation-tool exports and `predict --output_format
+    label-studio|doccano` (bert_ft.annotation)."""
+
+    def tool_inputs(self, inputs: list[Any]) -> list[Any]:
+        """Raw predict inputs (`input_examples`' kind) from an export's `ToolRecord`s, for predict's JSON output:
+        by default each record's text; other inputs as they are."""
+        return [{"text": item.text} if isinstance(item, ToolRecord) else item for item in inputs]
+
+    def pre_annotations(self, inputs: list[Any], predict: Callable[[list[Any]], list[dict]]) -> list[Any]:
+        """One `bert_ft.annotation.Prediction` per input text. `inputs` are raw predict inputs or, from an
+        annotation-tool export, its `ToolRecord`s; `predict(items)` returns `results` for raw inputs."""
+        raise UsageError(f"--output_format: the {getattr(self, 'name', 'this')} task does not write pre-annotations "
+                         "for annotation tools; use --output_format json")
+
+
+class Task(HubDatasets, DataReport, Calibration, PreAnnotations):
     """Base class of every task plugin.
 
     What a task must write comes first below: the class attributes without a default, and the methods that raise

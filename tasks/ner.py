@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForTokenClassification
 
+from bert_ft.annotation import (AnnotationOptions, Prediction, ToolRecord, ToolReport, detect_tool, read_tool_records,
+                                tool_prediction, tool_summary)
 from bert_ft.config import flag
 from bert_ft.crf import CRF, iob2_transition_mask
 from bert_ft.data import (best_window_per_word, check_text_file, iter_text_lines, looks_like_jsonl, read_jsonl_records,
@@ -37,7 +39,7 @@ FOCAL_WITH_CRF = ("--loss focal: not defined with --crf (the CRF's loss is the l
 
 
 @dataclass
-class NerOptions:
+class NerOptions(AnnotationOptions):
     crf: bool = flag(False, "add a CRF layer over the token logits (Viterbi decoding)")
     doc_stride: int = flag(32, "sub-word overlap of windows over long sentences (at most half a window)")
     tag_scheme: str = flag("auto", "tag scheme of the input files (auto-detected by default)", choices=SCHEMES)
@@ -46,6 +48,8 @@ class NerOptions:
                               "words with a counted warning)")
     context_size: int = flag(0, "document context (FLERT): up to N sub-words of the neighbouring sentences of the "
                              "same document on each side, unlabelled, within --max_seq_length (0 = off)")
+    text_column: str | None = flag(None, "Label Studio exports: the data key that holds the text (default: the "
+                                         "task data's only text, else the key the labels point at, else 'text')")
 
     def problems(self, config) -> list[str]:
         found = []
@@ -305,6 +309,24 @@ def read_jsonl(path: str, lines: Iterable[str], warn: bool = True, strict_spans:
             print(line)
 
 
+def read_tool(path: str, tool: str, options: NerOptions, warn: bool = True) -> Iterator[NerExample]:
+    """NerExamples from an annotation-tool export (`bert_ft.annotation`): each record's spans go through the
+    `entities` layout onto `tag_spans`, so the words, the widened and the overlapping spans are those of the span
+    JSONL; the export's report (tasks, annotations, skipped) and the span warnings are printed at the end."""
+    report, tally = ToolReport(tool, annotation=options.annotation), SpanTally()
+    for record in read_tool_records(path, tool, options.annotation, options.text_column, report=report):
+        entities = [{"start": span.start, "end": span.end, "label": span.label} for span in record.spans]
+        example, problems = span_example({"text": record.text, "entities": entities}, path, record.line, None,
+                                         options.strict_spans)
+        tally.add(record.where, problems)
+        yield example
+    if warn:
+        for line in report.lines():
+            print(f"{path}: {line}")
+        for line in tally.warnings(path):
+            print(line)
+
+
 def with_document_context(examples: Iterable[NerExample], context_size: int) -> Iterator[NerExample]:
     """The examples in order, each with the words of its document's neighbouring sentences nearest to it (at most
     `context_size` per side) in `left_context` / `right_context`. A stream: one document is buffered at a time
@@ -544,10 +566,13 @@ class NerTask(Task):
 
     def _sentences(self, path: str) -> Iterator[NerExample]:
         check_text_file(path)  # encoding problems anywhere in the file are reported before parse errors
-        is_conll = not looks_like_jsonl(iter_text_lines(path))  # CoNLL: one word per line
+        tool = detect_tool(path)  # a Label Studio or doccano export
+        is_conll = tool is None and not looks_like_jsonl(iter_text_lines(path))  # CoNLL: one word per line
 
         def parse(warn: bool) -> Iterator[NerExample]:
-            if is_conll:
+            if tool is not None:
+                yield from read_tool(path, tool, self.options, warn)
+            elif is_conll:
                 for words, tags, line, document in read_conll(path, iter_text_lines(path)):
                     yield NerExample(words, tags, path, line, document=document)
             else:
@@ -621,6 +646,9 @@ class NerTask(Task):
                     if shown < 5:
                         lines.append(f"  line {example.line}: {note}")
                     shown += 1
+        for path in dict.fromkeys(example.path for example in examples):
+            lines += [f"{path}: {line}" for line in tool_summary(path, annotation=self.options.annotation,
+                                                                 text_key=self.options.text_column)]
         if self.options.context_size:
             in_documents = sum(example.document is not None for example in examples)
             lines.append(f"document context (--context_size {self.options.context_size}): {in_documents} of "
@@ -848,6 +876,18 @@ class NerTask(Task):
                                  "score": round(score, 6), "probability": round(probability, 6)})
             results.append({"text": example.text, "entities": entities})
         return results
+
+    def pre_annotations(self, inputs: list, predict) -> list[Prediction]:
+        """Label Studio / doccano pre-annotations: the predicted entities as labelled spans, each with its
+        probability as its score; the task's score is their mean (no entity: no score)."""
+        predictions = []
+        for item, result in zip(inputs, predict([{"text": item.text} if isinstance(item, ToolRecord) else item
+                                                 for item in inputs])):
+            spans = [(f"e{number}", entity["start"], entity["end"], entity["type"], entity["probability"])
+                     for number, entity in enumerate(result["entities"], start=1)]
+            score = sum(span[4] for span in spans) / len(spans) if spans else None
+            predictions.append(tool_prediction(item, result["text"], score, spans=spans))
+        return predictions
 
     def entity_probabilities(self, examples, features: Features, outputs, labels,
                              words_of: list | None = None) -> list[list[tuple[str, int, int, float]]]:

@@ -22,6 +22,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from bert_ft.annotation import (AnnotationOptions, Prediction, ToolRecord, ToolReport, detect_tool, joint_layout,
+                                read_tool_records, tool_prediction, tool_summary)
 from bert_ft.config import flag
 from bert_ft.data import check_text_file, iter_text_lines, looks_like_jsonl, read_jsonl_records, special_tokens_around
 from bert_ft.errors import DataError, UsageError
@@ -49,7 +51,7 @@ _MARKER_FIX = ("mark each entity exactly once, not nested or overlapping, e.g. "
 
 
 @dataclass
-class RelationOptions:
+class RelationOptions(AnnotationOptions):
     pooling: str = flag("entity_start", "entity-pair representation: hidden states at <e1> and <e2> "
                         "(entity_start), [CLS] + mean of each entity (entity_mean), or [CLS] alone (cls)",
                         choices=POOLINGS)
@@ -61,6 +63,8 @@ class RelationOptions:
     max_negatives_per_record: int | None = flag(None, "joint files: keep at most N of each record's entity pairs "
                                                 "without a relation (a seeded sample; default: all), so that "
                                                 "texts dense with entities do not drown the relations")
+    text_column: str | None = flag(None, "Label Studio exports: the data key that holds the text (default: the "
+                                         "task data's only text, else the key the labels point at, else 'text')")
 
     def problems(self, config) -> list[str]:
         if self.max_negatives_per_record is not None and self.max_negatives_per_record < 0:
@@ -344,6 +348,47 @@ def read_jsonl(path: str, lines: Iterable[str], negative_label: str | None = JOI
             yield example_from_record(record, path, number)
 
 
+def read_tool(path: str, tool: str, options: RelationOptions) -> Iterator[RelationExample]:
+    """Relation examples from a Label Studio or doccano relation export: each record becomes a joint record
+    (`bert_ft.annotation.joint_layout`), read and validated as joint JSONL is, then every ordered entity pair an
+    example (`joint_examples`: the relation's label, else the negative label)."""
+    report = ToolReport(tool, annotation=options.annotation)
+    negative = joint_negative_label(options.negative_label)
+    for record in read_tool_records(path, tool, options.annotation, options.text_column, report=report):
+        joint = read_joint(joint_layout(record), path, record.line or 0)
+        yield from joint_examples(joint, negative, options.max_negatives_per_record)
+    for line in report.lines():
+        print(f"{path}: {line}")
+
+
+def _record_pairs(record: ToolRecord, number: int) -> tuple[JointRecord, list[tuple[int, int, str]], list[dict]]:
+    """An export record for predict: its joint record, every ordered pair of its entities (`candidate_pairs`), and
+    each pair as a predict input {"id": "TASK:HEAD->TAIL", "text", "head", "tail"}."""
+    joint = read_joint(joint_layout(record), "input", record.line or number)
+    pairs = candidate_pairs(joint, "")
+    items = [{"id": f"{record.task_id}:{joint.entities[head].id}->{joint.entities[tail].id}", "text": record.text,
+              "head": [joint.entities[head].start, joint.entities[head].end],
+              "tail": [joint.entities[tail].start, joint.entities[tail].end]} for head, tail, _ in pairs]
+    return joint, pairs, items
+
+
+def _unmarked(text: str) -> tuple[str, tuple[int, int], tuple[int, int]]:
+    """A marked text without its markers, and the head and tail spans in it."""
+    plain, spans, opened = [], {}, {}
+    position = 0
+    for match in MARKER_PATTERN.finditer(text):
+        plain.append(text[position:match.start()])
+        offset = sum(len(part) for part in plain)
+        marker = match.group()
+        if marker.startswith("</"):
+            spans[marker[2:4]] = (opened[marker[2:4]], offset)
+        else:
+            opened[marker[1:3]] = offset
+        position = match.end()
+    plain.append(text[position:])
+    return "".join(plain), spans["e1"], spans["e2"]
+
+
 # ------------------------------------------------------------------------------------------ long inputs
 
 def choose_tokens(length: int, markers: list[int], budget: int) -> tuple[list[int], str]:
@@ -478,7 +523,10 @@ class RelationTask(ClassificationTask):
 
     def stream(self, path: str) -> Iterator[RelationExample]:
         check_text_file(path)  # encoding problems anywhere in the file are reported before parse errors
-        if looks_like_jsonl(iter_text_lines(path)):
+        tool = detect_tool(path)  # a Label Studio or doccano export
+        if tool is not None:
+            examples = read_tool(path, tool, self.options)
+        elif looks_like_jsonl(iter_text_lines(path)):
             examples = read_jsonl(path, iter_text_lines(path), joint_negative_label(self.options.negative_label),
                                   self.options.max_negatives_per_record)
         else:
@@ -563,6 +611,8 @@ class RelationTask(ClassificationTask):
                       f"macro-F1 over the {len(labels - {negative})} other labels")
             notes.append(f"negative label (--negative_label {self.options.negative_label}): "
                          f"{negative if negative else 'none, every label is a relation'}; scored by {scored}")
+        notes += [f"{path}: {line}" for path in dict.fromkeys(example.path for example in examples)
+                  for line in tool_summary(path, annotation=self.options.annotation, text_key=self.options.text_column)]
         return notes + [f"sentences over --max_seq_length: "
                         f"{sum(count for kind, count in kinds.items() if kind != 'full')}"] \
             + [f"  {kinds[kind]:>5}  {text}" for kind, text in LONG_KINDS.items()]
@@ -678,6 +728,55 @@ class RelationTask(ClassificationTask):
             example.raw = record
             examples.append(example)
         return examples
+
+    def tool_inputs(self, inputs: list) -> list:
+        """An export's records as marked pairs: every ordered pair of each record's entities (`candidate_pairs`),
+        with the id "TASK:HEAD->TAIL" (entity ids of the export)."""
+        return [pair for number, item in enumerate(inputs, start=1)
+                for pair in (_record_pairs(item, number)[2] if isinstance(item, ToolRecord) else [item])]
+
+    def pre_annotations(self, inputs: list, predict) -> list[Prediction]:
+        """Label Studio / doccano pre-annotations. An export's record: its entities are kept, every ordered pair of
+        them (`candidate_pairs`) is classified, and the pairs predicted as a relation (not the negative label) are
+        written with their probability as score (the record's score: the lowest of them). A raw input is one
+        marked pair: its two spans (typed by the input's "head_type"/"tail_type", else "entity") and the relation
+        unless it is the negative label."""
+        groups = [_record_pairs(item, number) if isinstance(item, ToolRecord) else None
+                  for number, item in enumerate(inputs, start=1)]
+        items = [pair for item, group in zip(inputs, groups) for pair in (group[2] if group else [item])]
+        results = iter(predict(items) if items else [])
+        predictions = []
+        for item, group in zip(inputs, groups):
+            if group is None:
+                result = next(results)
+                record = {"text": item} if isinstance(item, str) else item
+                if "head" in record and "tail" in record:
+                    text, head, tail = record["text"], tuple(record["head"]), tuple(record["tail"])
+                else:
+                    text, head, tail = _unmarked(record["text"])
+                spans = [("head", head[0], head[1], str(record.get("head_type", "entity")), None),
+                         ("tail", tail[0], tail[1], str(record.get("tail_type", "entity")), None)]
+                relations = [("head", "tail", str(result["label"]), result["probability"])] \
+                    if self._is_relation(result) else []
+                predictions.append(tool_prediction(record, text, result["probability"], spans=spans,
+                                                   relations=relations, relation_layout=True))
+                continue
+            joint, pairs, _ = group
+            spans = [(entity.id, entity.start, entity.end, entity.type, None) for entity in joint.entities]
+            relations = []
+            for head, tail, _ in pairs:
+                result = next(results)
+                if self._is_relation(result):
+                    relations.append((joint.entities[head].id, joint.entities[tail].id, str(result["label"]),
+                                      result["probability"]))
+            score = min((relation[3] for relation in relations), default=None)
+            predictions.append(tool_prediction(item, item.text, score, spans=spans, relations=relations,
+                                               relation_layout=True))
+        return predictions
+
+    def _is_relation(self, result: dict) -> bool:
+        """Whether a predicted label is a relation (not the negative label of the model's labels)."""
+        return str(result["label"]) != resolve_negative_label(self.options.negative_label, set(result["probabilities"]))
 
     def results(self, examples, features, outputs, labels) -> list[dict]:
         """Per input {"text", "label", "probability", "probabilities": {label: p}} (+ its id/head/tail)."""

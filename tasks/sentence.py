@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
+from bert_ft.annotation import (AnnotationOptions, Prediction, ToolRecord, ToolReport, detect_tool, read_tool_records,
+                                tool_prediction, tool_summary)
 from bert_ft.check_data import multi_label_notes, regression_notes
 from bert_ft.config import flag
 from bert_ft.data import check_text_file, first_content_line, iter_text_lines, read_jsonl_records
@@ -46,7 +48,7 @@ HF_PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label"
 
 
 @dataclass
-class SentenceOptions:
+class SentenceOptions(AnnotationOptions):
     text_column: str | None = flag(None, "column (JSONL: key) holding the text to classify (default: 'sentence' if "
                                          "present, else inferred from the non-label columns like run_glue.py)")
     text_pair_column: str | None = flag(None, "column of the second text of a pair, used only when the file has it "
@@ -379,6 +381,45 @@ def read_jsonl(path: str, options: SentenceOptions) -> Iterator[SentenceExample]
         yield _example(record, row_columns, path, number, count)
 
 
+def _tool_choices(record: ToolRecord, options: SentenceOptions, path: str) -> list[str]:
+    """The classes of one annotation-tool record: Label Studio choices, doccano labels, or (JSON-MIN, where a single
+    choice is a plain string like the text) the string under --label_column, else the row's only other string."""
+    if record.choices is not None:
+        return record.choices
+    if record.spans:
+        raise DataError(path, record.line, f"{record.where} holds labelled spans, not classes: an NER or relation "
+                        "export", "train it with `run_task.py ner` (or relation); a text-classification export has "
+                        "choices (Label Studio) or a list of class names (doccano)")
+    strings = record.strings
+    if options.label_column in strings:
+        return [strings[options.label_column]]
+    if len(strings) == 1:
+        return [next(iter(strings.values()))]
+    if strings:
+        raise DataError(path, record.line, f"{record.where}: cannot tell which of the keys {sorted(strings)} holds "
+                        "the choice", "name the control with --label_column")
+    return []  # an annotation with nothing chosen: no class (multi-label: a text with no label)
+
+
+def read_tool(path: str, tool: str, options: SentenceOptions) -> Iterator[SentenceExample]:
+    """SentenceExamples from a Label Studio or doccano text-classification export. Both tools write every
+    annotation's classes as a list; when every record holds exactly one class the file is single-label (one label
+    per example), else multi-label (a list each), unless --problem_type says which."""
+    report = ToolReport(tool, annotation=options.annotation)
+    records = [(record, _tool_choices(record, options, path))
+               for record in read_tool_records(path, tool, options.annotation, options.text_column, report=report)]
+    single = options.problem_type in ("auto", "single_label") and all(len(labels) == 1 for _, labels in records)
+    if options.problem_type == "single_label" and not single:
+        record, labels = next((record, labels) for record, labels in records if len(labels) != 1)
+        raise DataError(path, record.line, f"{record.where} has {len(labels)} classes {labels} (--problem_type "
+                        "single_label)", "give each text one class, or use --problem_type multi_label (or auto)")
+    for line in report.lines():
+        print(f"{path}: {line}")
+    for record, labels in records:
+        yield SentenceExample(record.text, labels[0] if single else labels, str(record.task_id), path,
+                              record.line or 0)
+
+
 # ------------------------------------------------------------------------------------------------ the head
 
 def _pooler_classifier(model: nn.Module, first: torch.Tensor) -> torch.Tensor:
@@ -635,8 +676,10 @@ class SentenceTask(ClassificationTask):
 
     def stream(self, path: str) -> Iterator[SentenceExample]:
         check_text_file(path)  # file not found / empty / not UTF-8, anywhere in the file, before parsing
+        tool = detect_tool(path)  # a Label Studio or doccano export
         kind = _format(path)
-        reader = read_jsonl(path, self.options) if kind == "jsonl" else read_delimited(path, kind, self.options)
+        reader = read_tool(path, tool, self.options) if tool else read_jsonl(path, self.options) \
+            if kind == "jsonl" else read_delimited(path, kind, self.options)
         count, first_kind = 0, None
         for example in reader:
             count += 1
@@ -946,12 +989,34 @@ class SentenceTask(ClassificationTask):
             results.append(result)
         return results
 
+    def pre_annotations(self, inputs: list, predict) -> list[Prediction]:
+        """Label Studio / doccano pre-annotations: the predicted class (multi-label: the classes on) as the
+        choices; score: the predicted class's probability (multi-label: the least certain on/off decision)."""
+        if self.options.problem_type == "regression":
+            raise UsageError("--output_format: a regression model predicts numbers, which neither Label Studio "
+                             "choices nor doccano labels hold; use --output_format json")
+        predictions = []
+        for item, result in zip(inputs, predict([{"text": item.text} if isinstance(item, ToolRecord) else item
+                                                 for item in inputs])):
+            probabilities = result["probabilities"]
+            if "labels" in result:
+                choices = [str(label) for label in result["labels"]]
+                score = min(max(value, 1 - value) for value in probabilities.values())
+            else:
+                choices = [str(result["label"])]
+                score = probabilities[str(result["label"])]
+            predictions.append(tool_prediction(item, result["text"], score, choices=choices))
+        return predictions
+
     # ---------------------------------------------------------------------------------------- --check_data
     def data_notes(self, split: str, examples, features, tokenizer) -> list[str]:
         """Multi-label: label cardinality, empty label lists, rare labels, the most frequent co-occurrences.
-        Regression: range, distribution and the non-numbers (none: they are refused by line)."""
+        Regression: range, distribution and the non-numbers (none: they are refused by line). Annotation-tool
+        exports: their report (tasks, annotations, annotators, skipped tasks)."""
+        notes = [f"{path}: {line}" for path in dict.fromkeys(example.path for example in examples)
+                 for line in tool_summary(path, annotation=self.options.annotation, text_key=self.options.text_column)]
         if self.options.problem_type == "multi_label":
-            return multi_label_notes([self.labels_of(example) for example in examples])
+            return notes + multi_label_notes([self.labels_of(example) for example in examples])
         if self.options.problem_type == "regression":
-            return regression_notes([_number(example.label) for example in examples])
-        return []
+            return notes + regression_notes([_number(example.label) for example in examples])
+        return notes
