@@ -15,6 +15,7 @@ import pytest
 from .conftest import ROOT
 
 BUILT_IN = ("ner", "relation", "sentence")
+COMMANDS = ("convert", "extract")  # the plugin commands of tasks/ (bert_ft.plugins.Command)
 
 
 def test_wheel_installs_only_bert_ft_names(tmp_path):
@@ -66,7 +67,7 @@ def test_console_script_and_run_task_list_the_same_tasks():
     installed = help_text(script, "--help")
     repository = help_text(sys.executable, os.path.join(ROOT, "run_task.py"), "--help")
     assert installed.startswith("usage: bert-ft") and repository.startswith("usage: run_task.py")
-    assert listed_tasks(installed) == listed_tasks(repository) == [*BUILT_IN, "predict", "export"]
+    assert listed_tasks(installed) == listed_tasks(repository) == [*BUILT_IN, "predict", "export", *COMMANDS]
 
 
 # bert-ft not installed: no editable finder, no bert_ft_tasks, no entry points; run_task.py from the repository root.
@@ -78,7 +79,8 @@ sys.path[:] = [path for path in sys.path if "__editable__" not in path]
 for name in [name for name in sys.modules if name.startswith(("bert_ft", "tasks"))]:
     del sys.modules[name]
 real = importlib.metadata.entry_points
-importlib.metadata.entry_points = lambda **kw: [] if kw.get("group") == "bert_ft.tasks" else real(**kw)
+importlib.metadata.entry_points = lambda **kw: [] if kw.get("group") in ("bert_ft.tasks", "bert_ft.commands") \
+    else real(**kw)
 import importlib.util
 assert importlib.util.find_spec("bert_ft_tasks") is None, "still installed"
 sys.argv = ["run_task.py", *sys.argv[1:]]
@@ -88,7 +90,7 @@ runpy.run_path("run_task.py", run_name="__main__")
 
 def test_run_task_works_from_the_repository_without_an_install(tmp_path):
     text = help_text(sys.executable, "-c", UNINSTALLED, "--help")
-    assert listed_tasks(text) == [*BUILT_IN, "predict", "export"]
+    assert listed_tasks(text) == [*BUILT_IN, "predict", "export", *COMMANDS]
     done = subprocess.run([sys.executable, "-c", UNINSTALLED, "ner", "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert done.returncode == 0 and "--crf" in done.stdout, done.stderr[-2000:]
