@@ -239,7 +239,7 @@ def export(config: ExportConfig, log=print) -> dict:
         report = {"export": record, "export_seconds": round(export_seconds, 2),
                   "graph_mb": round(os.path.getsize(graph) / 2**20, 2), **report}
         atomic_write_json(os.path.join(temp, REPORT_FILE), report)
-        write_export_card(temp, config.model_dir, report, name=os.path.basename(os.path.abspath(output_dir)))
+        write_export_card(temp, config.model_dir, report, final_dir=output_dir)
         del exported
     log(f"exported {config.model_dir} -> {output_dir} ({GRAPH_FILE}, {config.quantize if quantized else 'fp32'}, "
         f"{report['graph_mb']} MB, inputs {', '.join(names)}; {report['export_seconds']} s)")

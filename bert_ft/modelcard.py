@@ -203,14 +203,15 @@ def write_model_card(folder: str, run_dir: str) -> str:
     return text
 
 
-def write_export_card(export_dir: str, source_dir: str, report: dict, name: str | None = None) -> str:
+def write_export_card(export_dir: str, source_dir: str, report: dict, final_dir: str | None = None) -> str:
     """The card of an export folder, a view of the source folder's card and of this folder's export_report.json.
 
     The metadata is the source card's (itself a view of its run's files) relabelled for ONNX (library `onnx`, tags
     `onnx` and `int8` where quantised) with the parity check's score of the export added to the model-index. An int8
     graph changes predictions, so its card keeps only that parity score, not the PyTorch model's validation and
     test metrics; an fp32 graph that passed parity predicts what the PyTorch model predicts, so they stay. A source
-    folder without a card (saved through the API, not by a run) gives a card from bert_ft.json alone."""
+    folder without a card (saved through the API, not by a run) gives a card from bert_ft.json alone. `final_dir`
+    is where the folder will be (export writes it in a temporary folder first)."""
 
     meta = _read(os.path.join(export_dir, "bert_ft.json"))
     export = report["export"]
@@ -232,7 +233,7 @@ def write_export_card(export_dir: str, source_dir: str, report: dict, name: str 
         dataset_name=parity_file, dataset_split="parity", metric_type=metric,
         metric_value=report["exported"][metric], metric_name=f"export parity {metric}")]
     data.library_name = "onnx"
-    title = name or os.path.basename(os.path.abspath(export_dir))
+    title = os.path.basename(os.path.abspath(final_dir or export_dir))
     data.model_name = data.model_name or title  # the model-index needs a name
     data.tags = list(dict.fromkeys([*(data.tags or []), "onnx", *(["int8"] if quantized else [])]))
     rows = [[metric, report["pytorch"][metric], report["exported"][metric], f"{report['drop_points']:+.2f}"]]
@@ -242,7 +243,7 @@ def write_export_card(export_dir: str, source_dir: str, report: dict, name: str 
              f"(torch {export.get('torch')}, onnxruntime {export.get('onnxruntime')}). This card is generated from "
              "the source folder's card and this folder's `export_report.json`.",
              "## Use",
-             f"    python run_task.py predict --model_dir {title} \"some text\"\n\n"
+             f"    python run_task.py predict --model_dir {final_dir or export_dir} \"some text\"\n\n"
              f"`model.onnx` (inputs {', '.join(export.get('inputs', []))}; output `{export.get('output')}`) runs in "
              "onnxruntime; bert-ft's predict adds the tokenisation, windows and decoding around it.",
              "## Parity with the PyTorch model",
