@@ -372,23 +372,6 @@ def _record_pairs(record: ToolRecord, number: int) -> tuple[JointRecord, list[tu
     return joint, pairs, items
 
 
-def _unmarked(text: str) -> tuple[str, tuple[int, int], tuple[int, int]]:
-    """A marked text without its markers, and the head and tail spans in it."""
-    plain, spans, opened = [], {}, {}
-    position = 0
-    for match in MARKER_PATTERN.finditer(text):
-        plain.append(text[position:match.start()])
-        offset = sum(len(part) for part in plain)
-        marker = match.group()
-        if marker.startswith("</"):
-            spans[marker[2:4]] = (opened[marker[2:4]], offset)
-        else:
-            opened[marker[1:3]] = offset
-        position = match.end()
-    plain.append(text[position:])
-    return "".join(plain), spans["e1"], spans["e2"]
-
-
 # ------------------------------------------------------------------------------------------ long inputs
 
 def choose_tokens(length: int, markers: list[int], budget: int) -> tuple[list[int], str]:
@@ -753,7 +736,7 @@ class RelationTask(ClassificationTask):
                 if "head" in record and "tail" in record:
                     text, head, tail = record["text"], tuple(record["head"]), tuple(record["tail"])
                 else:
-                    text, head, tail = _unmarked(record["text"])
+                    text, head, tail = unmark(record["text"])  # valid: predict has just read it
                 spans = [("head", head[0], head[1], str(record.get("head_type", "entity")), None),
                          ("tail", tail[0], tail[1], str(record.get("tail_type", "entity")), None)]
                 relations = [("head", "tail", str(result["label"]), result["probability"])] \
