@@ -11,8 +11,12 @@ into somewhat more pieces than the released vocabularies do). Each side is one r
 process (its peak memory is its own): the same slice, batch size, learning rate, epochs and seed for
   recipe   HF `Trainer` + `DataCollatorForTokenClassification` (run_ner.py's way; byte-level BPE tokenizers get
            add_prefix_space as run_ner.py gives RoBERTa)
-  padded   bert-ft with length-grouped padded batches (--packing false)
+  padded   bert-ft with --packing false at its defaults: random batches, one example per row, padded to the
+           longest (what a family that cannot be packed gets, the comparison the families issue asks for)
+  grouped  bert-ft with length-grouped padded batches (--packing false --mega_batch_factor 50: less padding than
+           random batches, at a possible cost in score)
   packed   bert-ft's default: several examples per row (--packing true; its start-up check must keep it on)
+`--sides` picks which run (default: all four); the table shows every ratio whose two sides ran.
 With --repeats > 1 the sides alternate (recipe, padded, packed, recipe, ...) so that a change of load on a shared
 machine falls on all of them; the table shows the median. Runs on CUDA unchanged (`--precision bf16` there; SDPA
 attention is transformers' default for every family that has it).
@@ -31,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from speed import run_speed  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
 
-SIDES = {"recipe": "recipe", "padded": "grouped", "packed": "packed"}  # this table's name -> speed.py's side
+SIDES = {"recipe": "recipe", "padded": "random", "grouped": "grouped", "packed": "packed"}  # name -> speed.py side
 
 DEFAULT_FAMILIES = ("bert", "roberta", "xlm-roberta", "deberta-v3", "electra", "distilbert", "albert", "modernbert")
 
@@ -53,6 +57,7 @@ def main() -> None:
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"), help="no = fp32")
     parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating sides")
+    parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
     parser.add_argument("--size", default="base", choices=("base", "small", "tiny"),
                         help="base: 12 layers, hidden 768; small: 4 layers, hidden 256 (for a loaded machine)")
     parser.add_argument("--models_dir", help="keep the built models here (default: a temporary folder, removed)")
@@ -70,9 +75,9 @@ def main() -> None:
             folder = os.path.join(root, f"{family}-{args.size}")
             if not os.path.isfile(os.path.join(folder, "config.json")):
                 build_family(family, folder, size=args.size)
-            results[family] = {side: [] for side in SIDES}
+            results[family] = {side: [] for side in args.sides}
             for repeat in range(args.repeats):
-                for side in SIDES:
+                for side in args.sides:
                     results[family][side].append(run_side(folder, side, args, 42))
             median = {side: statistics.median(run["train_samples_per_second"] for run in runs)
                       for side, runs in results[family].items()}
@@ -88,21 +93,25 @@ def main() -> None:
     print(f"\nCoNLL-2003 NER, {args.max_train_samples} training sentences, 1 epoch, batch {args.batch_size}, "
           f"max_seq_length {args.max_seq_length}, {'fp32' if args.precision == 'no' else args.precision}, "
           f"{args.size} random weights, {machine}; median of {args.repeats} alternating run(s) per side")
-    header = ("family", "packed/s", "padded/s", "recipe/s", "packed/padded", "packed/recipe", "pad packed",
-              "pad padded", "MB packed", "MB padded", "MB recipe")
+    ratios = [(ours, theirs) for ours, theirs in (("packed", "padded"), ("packed", "grouped"), ("packed", "recipe"))
+              if ours in args.sides and theirs in args.sides]
+    header = ("family", *(f"{side}/s" for side in args.sides), *(f"{ours}/{theirs}" for ours, theirs in ratios),
+              *(f"pad {side}" for side in args.sides if side != "recipe"), *(f"MB {side}" for side in args.sides))
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for family, sides in results.items():
         def value(side: str, key: str) -> float:
             return statistics.median(run[key] for run in sides[side])
 
-        speed = {side: value(side, "train_samples_per_second") for side in SIDES}
-        row = [family, f"{speed['packed']:.2f}", f"{speed['padded']:.2f}", f"{speed['recipe']:.2f}",
-               f"{speed['packed'] / speed['padded']:.2f}x", f"{speed['packed'] / speed['recipe']:.2f}x",
-               f"{value('packed', 'padding_ratio'):.2f}", f"{value('padded', 'padding_ratio'):.2f}",
-               f"{value('packed', 'peak_memory_mb'):.0f}", f"{value('padded', 'peak_memory_mb'):.0f}",
-               f"{value('recipe', 'peak_memory_mb'):.0f}"]
+        speed = {side: value(side, "train_samples_per_second") for side in args.sides}
+        row = [family, *(f"{speed[side]:.2f}" for side in args.sides),
+               *(f"{speed[ours] / speed[theirs]:.2f}x" for ours, theirs in ratios),
+               *(f"{value(side, 'padding_ratio'):.2f}" for side in args.sides if side != "recipe"),
+               *(f"{value(side, 'peak_memory_mb'):.0f}" for side in args.sides)]
         print("| " + " | ".join(row) + " |")
+        loads = [run["other_load_cores"] for runs in sides.values() for run in runs if "other_load_cores" in run]
+        if loads and max(loads) > 0.1:
+            print(f"  ({family}: other processes used up to {max(loads):.2f} cores during its runs: not idle)")
     if args.output:
         from bert_ft.io import atomic_write_json
 

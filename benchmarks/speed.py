@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py ner --max_train_samples 2000 --max_eval_samples 1000 --seeds 1 2 3
     python benchmarks/speed.py sentence --max_train_samples 4000 --max_eval_samples 872 --seeds 1 2 3
+    python benchmarks/speed.py relation --max_train_samples 2000 --max_eval_samples 1000 --seeds 1 2 3   # SemEval
     python benchmarks/speed.py ner --precisions bf16 --max_train_samples 14041   # on a GPU: prints MFU too
     python benchmarks/speed.py multi_label --max_train_samples 1000 --max_eval_samples 1000 --num_train_epochs 2 \
         --seeds 1 2 3 4 5 --sides recipe packed --precisions no bf16   # CoNLL-derived (benchmarks/derived_tasks.py)
@@ -25,7 +26,12 @@ is its own subprocess (one at a time) so that peak memory (RSS; GPU memory on a 
 precision: train samples/s, real (non-pad) tokens/s, padding ratio (1 - real tokens / token slots computed), peak
 memory, eval samples/s and the test score, means over `--seeds` and per seed, with ratios against the recipe in
 the same precision, and bert-ft's CPU default (packed, bf16 where native) against the recipe's default (fp32).
-On a GPU (or with `--peak_tflops`) it also prints model FLOPs utilisation on real tokens.
+On a GPU (or with `--peak_tflops`) it also prints model FLOPs utilisation on real tokens. Every run records the
+machine's load beside it (`other_load_cores`: CPU seconds other processes used per second of the run, from
+/proc/stat): a speed measured with it above ~0.1 shared the cores and is not the machine's.
+
+relation is SemEval-2010 Task 8 (official macro-F1); its recipe is run_classification.py on the marked sentences
+with the four markers added as special tokens, as bert-ft adds them, so both sides read the same tokens.
 """
 
 from __future__ import annotations
@@ -46,8 +52,10 @@ DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 FILES = {
     "ner": {"train": os.path.join(DATA, "conll2003", "train.txt"), "test": os.path.join(DATA, "conll2003", "test.txt")},
     "sentence": {"train": os.path.join(DATA, "sst2", "train.tsv"), "test": os.path.join(DATA, "sst2", "dev.tsv")},
+    "relation": {"train": os.path.join(DATA, "semeval2010_task8", "TRAIN_FILE.TXT"),
+                 "test": os.path.join(DATA, "semeval2010_task8", "TEST_FILE_FULL.TXT")},
 }
-SCORE = {"ner": "test_f1", "sentence": "test_accuracy", "multi_label": "test_micro_f1", "regression": "test_pearson"}
+SCORE = {"ner": "test_f1", "sentence": "test_accuracy", "relation": "test_macro_f1", "multi_label": "test_micro_f1", "regression": "test_pearson"}
 DERIVED = ("multi_label", "regression")  # sentence tasks derived from CoNLL-2003 (benchmarks/derived_tasks.py)
 for _kind in DERIVED:
     FILES[_kind] = {"train": None, "test": None}  # written by derive_files() before the runs
@@ -164,6 +172,33 @@ def run_recipe(args) -> dict:
         model = AutoModelForTokenClassification.from_pretrained(
             path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_ids)
         collator = CountingCollator(DataCollatorForTokenClassification(tokenizer))
+    elif args.task == "relation":
+        from bert_ft.metrics import semeval_official_score
+        from bert_ft_tasks.relation import OTHER, RelationTask
+
+        # run_classification.py on the marked sentences, with the four markers added as special tokens (as
+        # bert-ft adds them) so that both sides read the same token sequences; [CLS] pooling, 19 directed labels.
+        reader = RelationTask(RelationTask.options_type())
+        train = reader.read(FILES["relation"]["train"])[: args.max_train_samples]
+        test = reader.read(FILES["relation"]["test"])[: args.max_eval_samples]
+        labels = reader.build_labels(train)
+        label_ids = {label: index for index, label in enumerate(labels)}
+        reader.prepare_tokenizer(tokenizer)
+
+        def tokenize(examples):
+            encoded = tokenizer(examples["text"], truncation=True, max_length=args.max_seq_length)
+            encoded["labels"] = [label_ids[label] for label in examples["label"]]
+            return encoded
+
+        def as_columns(examples):
+            return {"text": [e.text for e in examples], "label": [e.label for e in examples]}
+
+        train_set = Dataset.from_dict(as_columns(train)).map(tokenize, batched=True, remove_columns=["text", "label"])
+        test_set = Dataset.from_dict(as_columns(test)).map(tokenize, batched=True, remove_columns=["text", "label"])
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_ids)
+        model.resize_token_embeddings(len(tokenizer))
+        collator = CountingCollator(DataCollatorWithPadding(tokenizer))
     else:
         from bert_ft_tasks.sentence import HF_PROBLEM_TYPES, SentenceTask
 
@@ -219,6 +254,9 @@ def run_recipe(args) -> dict:
 
         score = pearson([float(value) for value in output.label_ids],
                         [float(value) for value in np.asarray(output.predictions).reshape(-1)])
+    elif args.task == "relation":
+        score = semeval_official_score([labels[i] for i in output.label_ids], [labels[i] for i in predictions],
+                                       OTHER)["macro_f1"]
     elif args.task == "ner":
         gold_tags, predicted_tags = [], []
         for row_predictions, row_labels in zip(predictions, output.label_ids):
@@ -273,13 +311,35 @@ def run_speed(arguments: list[str], what: str) -> dict:
     exits with the end of its stderr, naming `what` ran."""
     result_file = tempfile.mktemp(suffix=".json")
     command = [sys.executable, os.path.abspath(__file__), *arguments, "--result_file", result_file]
+    busy, children, start = busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
     completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - start
     if completed.returncode != 0:
         raise SystemExit(f"{what} failed:\n{completed.stderr[-3000:]}")
     with open(result_file, encoding="utf-8") as handle:
         result = json.load(handle)
     os.remove(result_file)
+    if busy is not None:  # the machine's load: CPU seconds that other processes used per second of this run
+        result["other_load_cores"] = max(0.0, (busy_cpu_seconds() - busy - (_children_cpu_seconds() - children))
+                                         / wall)
     return result
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat: every state but idle and iowait), or
+    None where /proc/stat does not exist (then no load is recorded)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(value) for value in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_side(side: str, precision: str, seed: int) -> dict:
@@ -337,6 +397,8 @@ def main() -> None:
           f"lr {args.learning_rate}, seeds {args.seeds}, {machine}")
     keys = ["train_samples_per_second", "train_tokens_per_second", "padding_ratio", "peak_memory_mb",
             "eval_samples_per_second", "score", "train_runtime"]
+    if all("other_load_cores" in run for side_runs in runs.values() for run in side_runs):
+        keys.append("other_load_cores")  # > 0.1 means something else ran: the speeds are not this machine's
     peak = peak_tflops(args)
     if peak:
         from transformers import AutoConfig

@@ -3,6 +3,7 @@
     python benchmarks/step_time.py ner --precision bf16 --layouts padded pack128 packlong
     python benchmarks/step_time.py ner --precision bf16 --layouts packlong --flags "--bulk_dropout false"
     python benchmarks/step_time.py sentence --precision bf16 --layouts packlong --keep_freed_memory --profile packlong
+    python benchmarks/step_time.py ner --layouts packlong --keep_freed_memory --profile_table packlong   # by category
 
 The model, optimiser and data come from bert-ft's own training stages (prepare_data, build_training) with batch 32
 over the first 2000 training examples; the same `--steps` random batches are laid out as `padded` (one example per
@@ -41,6 +42,9 @@ def main() -> None:
     parser.add_argument("--flags", default="", help="more training flags, e.g. \"--bulk_dropout false\"")
     parser.add_argument("--keep_freed_memory", action="store_true")
     parser.add_argument("--profile", help="print torch's profile of this layout's last round")
+    parser.add_argument("--profile_table", metavar="LAYOUT",
+                        help="profile this layout's last round and print where a step's time goes, by category "
+                             "(matrix products, attention soft-max, embedding gradient, optimizer, ...)")
     args = parser.parse_args()
 
     import torch
@@ -88,12 +92,16 @@ def main() -> None:
             steps(laid[:2])  # warm-up
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
-            if layout == args.profile and round_number == args.rounds - 1:
+            if layout in (args.profile, args.profile_table) and round_number == args.rounds - 1:
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CPU]) as profiled:
                     steps(laid[2:])
-                print(profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+                profiled_ms = (time.perf_counter() - start) / (len(laid) - 2) * 1000
+                if layout == args.profile:
+                    print(profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+                if layout == args.profile_table:
+                    print_categories(profiled.key_averages(), len(laid) - 2, profiled_ms)
             else:
                 steps(laid[2:])
             milliseconds = (time.perf_counter() - start) / (len(laid) - 2) * 1000
@@ -104,6 +112,40 @@ def main() -> None:
     for layout, values in timings.items():
         median = statistics.median(values)
         print(f"{layout:<9} median {median:7.1f} ms/step = {args.batch_size * 1000 / median:6.1f} samples/s")
+
+
+# Where a step's time goes: torch operators grouped by what they do (first matching pattern wins; self time, so no
+# operator is counted twice). Wrappers (aten::linear, aten::matmul) have almost no self time: their GEMMs are in mm.
+CATEGORIES = (
+    ("matrix products (GEMM)", ("addmm", "aten::mm", "bmm", "baddbmm", "mkldnn", "onednn", "_addmm_activation")),
+    ("word-embedding gradient / lookup", ("embedding", "index_select", "index_add", "index_put", "_unique",
+                                         "sparse", "coalesce")),
+    ("optimizer (AdamW)", ("adam", "optimizer", "_foreach")),
+    ("loss", ("cross_entropy", "nll_loss", "log_softmax", "binary_cross_entropy", "mse_loss")),
+    ("attention soft-max", ("softmax",)),
+    ("layer norm", ("layer_norm",)),
+    ("GELU", ("gelu",)),
+    ("dropout masks (torch)", ("bernoulli", "dropout", "native_dropout")),
+)
+
+
+def print_categories(averages, steps: int, step_ms: float) -> None:
+    """A table of ms per step by category (operators' self CPU time under the profiler), and the rest of the
+    profiled step's wall time: Python, numpy (bert-ft's bulk dropout masks), autograd and profiler bookkeeping."""
+    totals: dict[str, float] = {}
+    for event in averages:
+        name = event.key.lower()
+        category = next((title for title, patterns in CATEGORIES if any(p in name for p in patterns)),
+                        "elementwise, copies, views (other aten operators)" if name.startswith("aten::")
+                        else "other scopes (" + event.key.split("::")[0].split("#")[0][:20] + ")")
+        totals[category] = totals.get(category, 0.0) + event.self_cpu_time_total / 1000 / steps
+    in_ops = sum(totals.values())
+    totals["outside operators (Python, numpy masks, autograd engine)"] = max(0.0, step_ms - in_ops)
+    print(f"\nwhere a step goes ({step_ms:.1f} ms/step under the profiler, {steps} steps; operators' self time)")
+    print(f"{'category':<58}{'ms/step':>9}{'share':>8}")
+    for category, value in sorted(totals.items(), key=lambda item: -item[1]):
+        print(f"{category:<58}{value:9.1f}{100 * value / step_ms:7.1f}%")
+    print(f"{'operators, all categories':<58}{in_ops:9.1f}{100 * in_ops / step_ms:7.1f}%")
 
 
 if __name__ == "__main__":

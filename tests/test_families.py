@@ -4,7 +4,8 @@ tokenizer of each family (bert_ft.random_models), built once per test session.
 For every family and task: the model builds, packed rows equal padded ones (the start-up check `packing_is_exact`
 says so on real features, several examples per row), words and entity markers align, and one train -> reload ->
 predict run through the command line predicts every test word / example. Once per family: ONNX export parity and
-transformers.pipeline agreement. On one non-BERT family: --crf, --context_size, FGM, calibration and --init_from.
+transformers.pipeline agreement, FGM and PGD. On one non-BERT family: --crf, --context_size, FGM training,
+calibration and --init_from.
 
 Run alone with `pytest -m families` (89 tests). Measured only on 2 cores shared with five other sessions (load
 average ~11): 641 s, of which the seven ONNX exports took 421 s (torch.onnx's tracing, 40-90 s each there).
@@ -19,9 +20,10 @@ import pathlib
 import pytest
 import torch
 
+from bert_ft.adversarial import build_adversary
 from bert_ft.api import finetune
 from bert_ft.cli import main
-from bert_ft.data import special_tokens_around
+from bert_ft.data import Collator, special_tokens_around
 from bert_ft.encoder import load_tokenizer
 from bert_ft.errors import UsageError
 from bert_ft.families import encoder_layers, family_of, word_prefix_ids
@@ -311,3 +313,39 @@ def test_crf_context_fgm_calibration_and_init_from_on_roberta(families, data, tm
     first = dict(source.encoder_model().encoder.layer[0].named_parameters())
     for name, param in relation.encoder_model().encoder.layer[0].named_parameters():
         assert torch.equal(param, first[name]), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fgm_and_pgd_on_every_family(family, families, data):
+    """FGM and PGD find each family's word embeddings, perturb them within epsilon along the micro-batch's gradient,
+    add the adversarial gradients to the clean ones and put the weights back bit-exactly (packed batch)."""
+    task = task_of("sentence")
+    tokenizer = load_tokenizer(families[family])
+    examples = list(task.stream(data["sentence"]["train"]))[:6]
+    labels = task.build_labels(examples)
+    torch.manual_seed(0)
+    model = task.build_model(families[family], labels, tokenizer, False)
+    model.train()
+    for module in model.modules():  # no dropout: the clean gradient of each pass is the same
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    features = task.encode(examples, tokenizer, 48, labels)
+    batch = Collator(task.pad_values(tokenizer), pack=True, row_capacity=64)(
+        [(index, features.inputs[index]) for index in range(len(examples))])
+    batch.pop("feature_index")
+    weight = model.get_input_embeddings().weight
+    params = [param for param in model.parameters() if param.requires_grad]
+    model(**batch)["loss"].backward()
+    clean = weight.grad.clone()
+    for kind in ("fgm", "pgd"):
+        model.zero_grad(set_to_none=True)
+        before = weight.detach().clone()
+        adversary = build_adversary(kind, weight, epsilon=0.5, steps=2, alpha=0.3, params=params)
+        adversary.before_backward()
+        model(**batch)["loss"].backward()
+        assert adversary.adversarial_backward(lambda: model(**batch)["loss"].backward()), (family, kind)
+        assert torch.equal(weight.detach(), before), (family, kind)  # restored bit-exactly
+        assert 0 < adversary.last_perturbation_norm <= 0.5 + 1e-5, (family, kind)
+        if kind == "fgm":
+            assert adversary.last_perturbation_norm == pytest.approx(0.5, rel=1e-4)
+        assert torch.isfinite(weight.grad).all() and not torch.allclose(weight.grad, clean), (family, kind)
