@@ -126,6 +126,64 @@ def encoder_flops(config: Any) -> EncoderFlops:
                         window, float(per_call))
 
 
+@dataclass(frozen=True)
+class Product:
+    """One matrix product shape of a training step: `batch` products (m x k) @ (k x n), `count` times a step."""
+
+    name: str
+    batch: int
+    m: int
+    k: int
+    n: int
+    count: int
+    transposed: str = ""  # "left" / "right": that operand is a transposed view, as autograd passes it to the GEMM
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.batch * self.m * self.k * self.n * self.count
+
+
+def training_products(config: Any, tokens: int, examples: int) -> list[Product]:
+    """The products of one training step (forward, input gradient, weight gradient) of a micro-batch of `tokens`
+    real tokens in `examples` examples of equal length, at the encoder's own shapes: what benchmarks/gemm_bound.py
+    times. Their FLOPs add up to `encoder_flops(config).training` of that batch, but for ModernBERT's local layers
+    (timed as full products: the same when examples fit the window) and DeBERTa's table projections (once a call)."""
+    model_type = getattr(config, "model_type", "")
+    hidden = int(_get(config, "hidden_size", "dim"))
+    inner = int(_get(config, "intermediate_size", "hidden_dim"))
+    layers = int(_get(config, "num_hidden_layers", "n_layers"))
+    if model_type == "albert":
+        layers *= int(getattr(config, "inner_group_num", 1) or 1)
+    heads = int(_get(config, "num_attention_heads", "n_heads"))
+    embedding = int(_get(config, "embedding_size", default=hidden))
+    length, head_dim = max(round(tokens / max(examples, 1)), 1), hidden // heads
+    dense = [("QKV", hidden, 3 * hidden, layers), ("attention output", hidden, hidden, layers),
+             ("feed-forward in", hidden, inner * (2 if model_type == "modernbert" else 1), layers),
+             ("feed-forward out", inner, hidden, layers)]
+    if model_type == "albert" or embedding != hidden:
+        dense.append(("embedding projection", embedding, hidden, 1))
+    products = []
+    for name, fan_in, fan_out, count in dense:  # nn.Linear: W (out, in), y (T, out) = x (T, in) @ W^T
+        products += [Product(f"{name} forward", 1, tokens, fan_in, fan_out, count, "right"),
+                     Product(f"{name} input gradient", 1, tokens, fan_out, fan_in, count),  # dx = dy @ W
+                     Product(f"{name} weight gradient", 1, fan_out, tokens, fan_in, count, "left")]  # dW = dy^T @ x
+    per_example = examples * heads
+    attention_terms = 1
+    if model_type in ("deberta-v2", "deberta") and getattr(config, "relative_attention", False):
+        attention_terms += len([kind for kind in (getattr(config, "pos_att_type", None) or [])
+                                if kind in ("c2p", "p2c")])
+    # scores S = Q K^T (n, d) @ (d, n) and their gradients dQ = dS K, dK = dS^T Q (n, n) @ (n, d), as many times
+    # as there are score terms (DeBERTa: + c2p, p2c); weighted sum O = P V (n, n) @ (n, d), dP = dO V^T
+    # (n, d) @ (d, n), dV = P^T dO (n, n) @ (n, d)
+    products += [Product("attention scores forward", per_example, length, head_dim, length, layers * attention_terms,
+                         "right"),
+                 Product("attention scores gradients", per_example, length, length, head_dim,
+                         2 * layers * attention_terms),
+                 Product("attention weighted sum forward and dV", per_example, length, length, head_dim, 2 * layers),
+                 Product("attention weighted sum dP", per_example, length, head_dim, length, layers)]
+    return products
+
+
 def passes_per_step(adversarial: str, adv_steps: int) -> int:
     """Forward+backward passes per micro-batch: 1, FGM 2, PGD 1 + its steps (bert_ft.adversarial)."""
     return {"fgm": 2, "pgd": 1 + adv_steps}.get(adversarial, 1)
@@ -174,11 +232,4 @@ def training_metrics(flops: float, real_tokens: int, seconds: float, peak: tuple
 def significant(value: float, digits: int = 5) -> float:
     """`value` to `digits` significant digits (tiny test runs and large GPU runs alike keep their precision)."""
     return float(f"{value:.{digits}g}")
-
-
-def describe(flop_model: EncoderFlops, mean_length: float) -> str:
-    """One line for a report: the per-token figures at a mean example length."""
-    return (f"{flop_model.model_type}: {flop_model.per_real_token(mean_length) / 1e6:.1f} MFLOP per real token "
-            f"trained, {flop_model.per_real_token(mean_length, training=False) / 1e6:.1f} inferred "
-            f"(examples of {mean_length:.0f} tokens; dense {flop_model.per_token / 1e6:.1f} MFLOP forward)")
 

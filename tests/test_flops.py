@@ -13,7 +13,8 @@ import transformers as tf
 from torch.utils.flop_counter import FlopCounterMode
 
 from bert_ft.cli import main
-from bert_ft.flops import batches_training_flops, encoder_flops, passes_per_step, training_metrics
+from bert_ft.flops import (batches_training_flops, encoder_flops, passes_per_step, training_metrics,
+                           training_products)
 
 from .conftest import ROOT
 
@@ -199,3 +200,21 @@ def test_ner_run_with_another_family_reports_flops(tmp_path):
     assert metrics["train_model_flops"] == pytest.approx(metrics["train_model_flops_per_token"] * real_tokens,
                                                          rel=1e-2)
     assert "train_mfu" not in metrics and not math.isnan(metrics["train_model_gflops_per_second"])
+
+
+@pytest.mark.parametrize("config", [tf.BertConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                                                  num_attention_heads=12),
+                                    tf.AlbertConfig(hidden_size=768, embedding_size=128, intermediate_size=3072,
+                                                    num_hidden_layers=12, num_attention_heads=12),
+                                    tf.ModernBertConfig(hidden_size=768, intermediate_size=1152, num_hidden_layers=22,
+                                                        num_attention_heads=12, local_attention=128)],
+                         ids=lambda config: config.model_type)
+def test_benchmark_products_add_up_to_the_training_flops(config):
+    """The shapes benchmarks/gemm_bound.py times are the step the FLOP count describes: 32 examples of 20 tokens
+    (inside ModernBERT's window, where its local layers compute every pair)."""
+    products = training_products(config, tokens=640, examples=32)
+    assert sum(product.flops for product in products) == pytest.approx(encoder_flops(config).training([20] * 32),
+                                                                       rel=1e-12)
+    shapes = {(product.m, product.k, product.n) for product in products}
+    hidden, inner = config.hidden_size, config.intermediate_size * (2 if config.model_type == "modernbert" else 1)
+    assert {(640, hidden, inner), (640, inner, hidden), (inner, 640, hidden)} <= shapes  # forward, dx, dW
