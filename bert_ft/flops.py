@@ -87,39 +87,63 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
+def encoder_sizes(config: Any) -> tuple[int, int, int, int, int]:
+    """(hidden, intermediate, layers as run, heads, embedding size) of a config; ValueError naming the fields a
+    config lacks (a custom architecture that does not use BERT's names)."""
+    names = {"hidden": ("hidden_size", "dim"), "intermediate": ("intermediate_size", "hidden_dim"),
+             "layers": ("num_hidden_layers", "n_layers"), "heads": ("num_attention_heads", "n_heads")}
+    values = {key: _get(config, *fields) for key, fields in names.items()}
+    missing = [" or ".join(names[key]) for key, value in values.items() if not isinstance(value, int)]
+    if missing:
+        raise ValueError(f"{getattr(config, 'model_type', 'this model')}: its config has no {', '.join(missing)}")
+    layers = values["layers"]
+    if getattr(config, "model_type", "") == "albert":  # one shared group run num_hidden_layers times, each with
+        layers *= int(getattr(config, "inner_group_num", 1) or 1)  # inner_group_num layers
+    return (values["hidden"], values["intermediate"], layers, values["heads"],
+            int(_get(config, "embedding_size", default=values["hidden"])))
+
+
+def relative_terms(config: Any) -> tuple[int, int]:
+    """(DeBERTa's relative-position terms among c2p and p2c, the table's half-size `span`: position_buckets, else
+    max_relative_positions, else max_position_embeddings); (0, 0) for every other family."""
+    if getattr(config, "model_type", "") not in ("deberta-v2", "deberta") or \
+            not getattr(config, "relative_attention", False):
+        return 0, 0
+    kinds = len([kind for kind in (getattr(config, "pos_att_type", None) or []) if kind in ("c2p", "p2c")])
+    buckets = int(getattr(config, "position_buckets", -1) or -1)
+    span = buckets if buckets > 0 else int(getattr(config, "max_relative_positions", -1) or -1)
+    return kinds, span if span >= 1 else int(config.max_position_embeddings)
+
+
+def known_flops(config: Any) -> EncoderFlops | None:
+    """`encoder_flops(config)`, or None for a config without BERT's size fields (its run reports no FLOPs)."""
+    try:
+        return encoder_flops(config)
+    except ValueError:
+        return None
+
+
 def encoder_flops(config: Any) -> EncoderFlops:
     """The FLOP model of an encoder from its transformers config (BERT, RoBERTa, XLM-R, ELECTRA, ALBERT,
     DistilBERT, DeBERTa v2/v3, ModernBERT; any other BERT-shaped config by the same sizes)."""
     model_type = getattr(config, "model_type", "")
-    hidden = int(_get(config, "hidden_size", "dim"))
-    inner = int(_get(config, "intermediate_size", "hidden_dim"))
-    layers = int(_get(config, "num_hidden_layers", "n_layers"))
-    if model_type == "albert":  # one shared group, run num_hidden_layers times, each with inner_group_num layers
-        layers *= int(getattr(config, "inner_group_num", 1) or 1)
-    embedding = int(_get(config, "embedding_size", default=hidden))
+    hidden, inner, layers, _, embedding = encoder_sizes(config)
     feed_forward = 2 * hidden * inner * (3 if model_type == "modernbert" else 2)  # ModernBERT: Wi -> 2 x inner
     per_layer = 2 * 4 * hidden * hidden + feed_forward  # Q, K, V, attention output (4 h x h) + feed-forward
     per_token = layers * per_layer
     if model_type == "albert" or embedding != hidden:  # embedding -> hidden projection (ALBERT: always there)
         per_token += 2 * embedding * hidden
     pair = 2 * 2 * hidden  # scores q.k and the weighted sum p.v, over all heads (heads x head_dim = hidden)
-    per_call, window = 0.0, None
-    global_layers, local_layers = layers, 0
-    if model_type in ("deberta-v2", "deberta"):
-        kernel = int(getattr(config, "conv_kernel_size", 0) or 0)
-        if kernel > 0:  # the first layer's ConvLayer: a width-`kernel` convolution hidden -> hidden
-            per_token += 2 * kernel * hidden * hidden
-        if getattr(config, "relative_attention", False):
-            kinds = [kind for kind in (getattr(config, "pos_att_type", None) or []) if kind in ("c2p", "p2c")]
-            pair += 2 * hidden * len(kinds)  # each term: one more q.k_pos or k.q_pos product per pair
-            buckets = int(getattr(config, "position_buckets", -1) or -1)
-            span = buckets if buckets > 0 else int(getattr(config, "max_relative_positions", -1) or -1)
-            if span < 1:
-                span = int(config.max_position_embeddings)
-            per_call = layers * len(kinds) * 2 * (2 * span) * hidden * hidden  # the table through K / Q proj
+    window, global_layers, local_layers = None, layers, 0
+    kinds, span = relative_terms(config)
+    kernel = int(getattr(config, "conv_kernel_size", 0) or 0) if model_type in ("deberta-v2", "deberta") else 0
+    if kernel > 0:  # DeBERTa's first-layer ConvLayer: a width-`kernel` convolution hidden -> hidden, in groups
+        per_token += 2 * kernel * hidden * hidden // int(getattr(config, "conv_groups", 1) or 1)
+    pair += 2 * hidden * kinds  # each DeBERTa term: one more q.k_pos or k.q_pos product per pair
+    per_call = layers * kinds * 2 * (2 * span) * hidden * hidden  # the table through the key / query projection
     if model_type == "modernbert":
-        kinds = list(getattr(config, "layer_types", None) or [])
-        local_layers = sum(kind == "sliding_attention" for kind in kinds)
+        layer_types = list(getattr(config, "layer_types", None) or [])
+        local_layers = sum(kind == "sliding_attention" for kind in layer_types)
         global_layers = layers - local_layers
         window = int(config.sliding_window) if local_layers else None
     return EncoderFlops(model_type, float(per_token), float(global_layers * pair), float(local_layers * pair),
@@ -146,32 +170,31 @@ class Product:
 def training_products(config: Any, tokens: int, examples: int) -> list[Product]:
     """The products of one training step (forward, input gradient, weight gradient) of a micro-batch of `tokens`
     real tokens in `examples` examples of equal length, at the encoder's own shapes: what benchmarks/gemm_bound.py
-    times. Their FLOPs add up to `encoder_flops(config).training` of that batch, but for ModernBERT's local layers
-    (timed as full products: the same when examples fit the window) and DeBERTa's table projections (once a call)."""
+    times. Their FLOPs add up to `encoder_flops(config).training` of that batch (one call), but for ModernBERT's
+    local layers, timed as full products (the same count when the examples fit the window)."""
     model_type = getattr(config, "model_type", "")
-    hidden = int(_get(config, "hidden_size", "dim"))
-    inner = int(_get(config, "intermediate_size", "hidden_dim"))
-    layers = int(_get(config, "num_hidden_layers", "n_layers"))
-    if model_type == "albert":
-        layers *= int(getattr(config, "inner_group_num", 1) or 1)
-    heads = int(_get(config, "num_attention_heads", "n_heads"))
-    embedding = int(_get(config, "embedding_size", default=hidden))
+    hidden, inner, layers, heads, embedding = encoder_sizes(config)
     length, head_dim = max(round(tokens / max(examples, 1)), 1), hidden // heads
-    dense = [("QKV", hidden, 3 * hidden, layers), ("attention output", hidden, hidden, layers),
-             ("feed-forward in", hidden, inner * (2 if model_type == "modernbert" else 1), layers),
-             ("feed-forward out", inner, hidden, layers)]
+    kinds, span = relative_terms(config)
+    kernel = int(getattr(config, "conv_kernel_size", 0) or 0) if model_type in ("deberta-v2", "deberta") else 0
+    # (name, rows, in, out, times a step) of each nn.Linear-like product
+    dense = [("QKV", tokens, hidden, 3 * hidden, layers), ("attention output", tokens, hidden, hidden, layers),
+             ("feed-forward in", tokens, hidden, inner * (2 if model_type == "modernbert" else 1), layers),
+             ("feed-forward out", tokens, inner, hidden, layers)]
     if model_type == "albert" or embedding != hidden:
-        dense.append(("embedding projection", embedding, hidden, 1))
+        dense.append(("embedding projection", tokens, embedding, hidden, 1))
+    if kernel > 0:  # timed as the im2col product it equals in FLOPs
+        groups = int(getattr(config, "conv_groups", 1) or 1)
+        dense.append(("convolution", tokens, kernel * hidden // groups, hidden, 1))
+    if kinds:  # the (2 span, hidden) relative-position table through the key / query projections, once a call
+        dense.append(("relative-position table projections", 2 * span, hidden, hidden, layers * kinds))
     products = []
-    for name, fan_in, fan_out, count in dense:  # nn.Linear: W (out, in), y (T, out) = x (T, in) @ W^T
-        products += [Product(f"{name} forward", 1, tokens, fan_in, fan_out, count, "right"),
-                     Product(f"{name} input gradient", 1, tokens, fan_out, fan_in, count),  # dx = dy @ W
-                     Product(f"{name} weight gradient", 1, fan_out, tokens, fan_in, count, "left")]  # dW = dy^T @ x
+    for name, rows, fan_in, fan_out, count in dense:  # nn.Linear: W (out, in), y (rows, out) = x (rows, in) @ W^T
+        products += [Product(f"{name} forward", 1, rows, fan_in, fan_out, count, "right"),
+                     Product(f"{name} input gradient", 1, rows, fan_out, fan_in, count),  # dx = dy @ W
+                     Product(f"{name} weight gradient", 1, fan_out, rows, fan_in, count, "left")]  # dW = dy^T @ x
     per_example = examples * heads
-    attention_terms = 1
-    if model_type in ("deberta-v2", "deberta") and getattr(config, "relative_attention", False):
-        attention_terms += len([kind for kind in (getattr(config, "pos_att_type", None) or [])
-                                if kind in ("c2p", "p2c")])
+    attention_terms = 1 + kinds
     # scores S = Q K^T (n, d) @ (d, n) and their gradients dQ = dS K, dK = dS^T Q (n, n) @ (n, d), as many times
     # as there are score terms (DeBERTa: + c2p, p2c); weighted sum O = P V (n, n) @ (n, d), dP = dO V^T
     # (n, d) @ (d, n), dV = P^T dO (n, n) @ (n, d)
@@ -215,15 +238,19 @@ def peak_tflops(device: torch.device, precision: str, setting: float | None = No
     return entry[2], f"{name} fp32 peak"
 
 
-def training_metrics(flops: float, real_tokens: int, seconds: float, peak: tuple[float, str] | None) -> dict:
+def training_metrics(flops: float | None, real_tokens: int, seconds: float, peak: tuple[float, str] | None,
+                     devices: int = 1) -> dict:
     """The metrics.json fields: model FLOPs per real token (training, a mean over the tokens trained), the
-    achieved rate over real tokens, and the MFU ratio where a peak is known."""
+    achieved rate over real tokens, and the MFU ratio where a peak is known (per device: x `devices` processes).
+    `flops` None (an architecture without BERT's size fields): the fields are null, no MFU."""
+    if flops is None:
+        return dict.fromkeys(("train_model_flops", "train_model_flops_per_token", "train_model_gflops_per_second"))
     rate = flops / max(seconds, 1e-9)
     metrics = {"train_model_flops": flops,
                "train_model_flops_per_token": round(flops / real_tokens) if real_tokens else None,
                "train_model_gflops_per_second": significant(rate / 1e9)}
     if peak is not None:
-        metrics["train_mfu"] = significant(rate / (peak[0] * 1e12))
+        metrics["train_mfu"] = significant(rate / (peak[0] * 1e12 * devices))
         metrics["mfu_peak_tflops"] = peak[0]
         metrics["mfu_peak_source"] = peak[1]
     return metrics

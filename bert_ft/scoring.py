@@ -213,7 +213,8 @@ def _final_metrics(state: TrainerState, data: Data, accelerator: Accelerator, tr
         "train_loss": state.history[-1]["train_loss"] if state.history else None,
         "trainable_parameters": trainable_parameters(training.network),
         # model FLOPs (bert_ft.flops: matrix products, per-example attention, 3 x forward) over real tokens
-        **training_metrics(state.train_flops, state.real_tokens, state.train_seconds, peak),
+        **training_metrics(state.train_flops, state.real_tokens, state.train_seconds, peak,
+                           accelerator.num_processes),
     }
 
 

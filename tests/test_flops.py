@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bert_ft.cli import main, parse
 from bert_ft.errors import UsageError
-from bert_ft.flops import (batches_training_flops, encoder_flops, passes_per_step, training_metrics,
+from bert_ft.flops import (batches_training_flops, encoder_flops, known_flops, passes_per_step, training_metrics,
                            training_products)
 
 from .conftest import ROOT
@@ -65,6 +65,9 @@ def test_deberta_v3_and_modernbert_by_hand():
     # the 2 x 256-row relative-position table through the key and query projections, in each layer, once per call
     assert deberta.per_call == 12 * 2 * (2 * 2 * 256 * 768 * 768)
     assert deberta.forward([5], calls=3) == 3 * deberta.per_call + 5 * deberta.per_token + 25 * deberta.per_pair
+    with_conv = encoder_flops(tf.DebertaV2Config(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                 num_attention_heads=12, conv_kernel_size=3))
+    assert with_conv.per_token == deberta.per_token + 2 * 3 * 768 * 768  # DeBERTa-v2's first-layer convolution
 
     modern = encoder_flops(tf.ModernBertConfig(hidden_size=768, intermediate_size=1152, num_hidden_layers=22,
                                                num_attention_heads=12, local_attention=128,
@@ -209,7 +212,11 @@ def test_ner_run_with_another_family_reports_flops(tmp_path):
                                     tf.AlbertConfig(hidden_size=768, embedding_size=128, intermediate_size=3072,
                                                     num_hidden_layers=12, num_attention_heads=12),
                                     tf.ModernBertConfig(hidden_size=768, intermediate_size=1152, num_hidden_layers=22,
-                                                        num_attention_heads=12, local_attention=128)],
+                                                        num_attention_heads=12, local_attention=128),
+                                    tf.DebertaV2Config(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                       num_attention_heads=12, relative_attention=True,
+                                                       position_buckets=256, pos_att_type=["p2c", "c2p"],
+                                                       conv_kernel_size=3)],
                          ids=lambda config: config.model_type)
 def test_benchmark_products_add_up_to_the_training_flops(config):
     """The shapes benchmarks/gemm_bound.py times are the step the FLOP count describes: 32 examples of 20 tokens
@@ -226,3 +233,13 @@ def test_bad_peak_is_named():
     with pytest.raises(UsageError) as caught:
         parse(["ner", "--peak_tflops", "0"])
     assert "--peak_tflops: must be > 0" in str(caught.value)
+
+
+def test_an_architecture_without_bert_size_fields_reports_null_flops():
+    """A custom config (trust_remote_code models may name their sizes otherwise): no FLOP figures, no error."""
+    config = tf.PretrainedConfig(width=64)
+    assert known_flops(config) is None
+    with pytest.raises(ValueError, match="hidden_size or dim"):
+        encoder_flops(config)
+    assert training_metrics(None, 100, 1.0, (1.0, "--peak_tflops")) == {
+        "train_model_flops": None, "train_model_flops_per_token": None, "train_model_gflops_per_second": None}
