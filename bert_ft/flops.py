@@ -16,6 +16,8 @@ Conventions (docs/benchmarks.md, "Model FLOPs and MFU"):
     projections of the relative-position table (2 x position_buckets rows, through the query and key projections)
     run once per forward call. transformers computes c2p/p2c against the whole table and gathers (8 x span x
     hidden per token and layer); that surplus is implementation overhead and not counted;
+  - a sentence classifier's [CLS]-only top layer (bert_ft.heads.read_first_token_only) is counted as what it
+    computes: keys and values of every token, the rest for [CLS] alone (first_token_top_layer);
   - the task head is not counted (a token classifier adds 2 x hidden x labels per token: under 0.1 % for MiniLM
     with 9 labels);
   - training = forward + backward = 3 x forward (the backward computes the gradient of the input and of the weight
@@ -25,7 +27,7 @@ Conventions (docs/benchmarks.md, "Model FLOPs and MFU"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import torch
@@ -51,6 +53,8 @@ class EncoderFlops:
     local_per_pair: float  # the same over the sliding-window layers (ModernBERT), which see |i - j| <= window only
     window: int | None  # half-window of the local layers (None: there are none)
     per_call: float  # once per forward call whatever it holds (DeBERTa's relative-position table projections)
+    per_example: float = 0.0  # once per example (a [CLS]-only top layer's query, output and feed-forward)
+    first_query_per_pair: float = 0.0  # per key of one query per example (that layer's [CLS] row of attention)
 
     def pairs(self, length: int) -> tuple[int, int]:
         """(pairs a global layer computes, pairs a local layer computes) for one example of `length` tokens."""
@@ -64,7 +68,8 @@ class EncoderFlops:
         total = self.per_call * calls
         for length in lengths:
             full, local = self.pairs(int(length))
-            total += self.per_token * length + self.per_pair * full + self.local_per_pair * local
+            total += self.per_token * length + self.per_pair * full + self.local_per_pair * local + \
+                self.per_example + self.first_query_per_pair * length
         return total
 
     def training(self, lengths: Iterable[int], calls: int = 1, passes: int = 1) -> float:
@@ -101,6 +106,20 @@ def encoder_sizes(config: Any) -> tuple[int, int, int, int, int]:
         layers *= int(getattr(config, "inner_group_num", 1) or 1)  # inner_group_num layers
     return (values["hidden"], values["intermediate"], layers, values["heads"],
             int(_get(config, "embedding_size", default=values["hidden"])))
+
+
+def first_token_top_layer(flop_model: EncoderFlops, config: Any) -> EncoderFlops:
+    """The count when a sentence classifier's top layer computes only each example's first token
+    (`bert_ft.heads.read_first_token_only`, BERT-layout layers): keys and values of every token, the query,
+    attention output and feed-forward of [CLS] alone, one query row of attention. What nothing reads is not model
+    work, so it is not counted."""
+    hidden, inner, _, _, _ = encoder_sizes(config)
+    layer = 2 * 4 * hidden * hidden + 2 * 2 * hidden * inner  # the top layer's products per token
+    keys_values = 2 * 2 * hidden * hidden
+    pair = 2 * 2 * hidden
+    return replace(flop_model, per_token=flop_model.per_token - layer + keys_values,
+                   per_example=flop_model.per_example + layer - keys_values, per_pair=flop_model.per_pair - pair,
+                   first_query_per_pair=flop_model.first_query_per_pair + pair)
 
 
 def relative_terms(config: Any) -> tuple[int, int]:

@@ -14,8 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bert_ft.cli import main, parse
 from bert_ft.errors import UsageError
-from bert_ft.flops import (batches_training_flops, encoder_flops, known_flops, passes_per_step, training_metrics,
-                           training_products)
+from bert_ft.flops import (batches_training_flops, encoder_flops, first_token_top_layer, known_flops,
+                           passes_per_step, training_metrics, training_products)
+from bert_ft.heads import read_first_token_only
 
 from .conftest import ROOT
 
@@ -131,6 +132,22 @@ def test_flop_counter_differences_are_the_stated_conventions():
         modern.forward([length]) + modern.local_per_pair * (full - band)
 
 
+def test_first_token_top_layer_against_the_flop_counter():
+    """A sentence classifier's [CLS]-only top layer (bert_ft.heads.read_first_token_only): the counter sees what
+    first_token_top_layer counts (BERT without its pooler)."""
+    config = tf.BertConfig(**TINY)
+    torch.manual_seed(0)
+    model = tf.AutoModel.from_config(config, attn_implementation="eager", add_pooling_layer=False).eval()
+    assert read_first_token_only(model, lambda model, batch: model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[:, 0])
+    flops = first_token_top_layer(encoder_flops(config), config)
+    assert counted_forward(model, 24) == pytest.approx(flops.forward([24]), rel=1e-9)
+    full = encoder_flops(config)
+    # gone: the top layer's query and output projections (2 x 2 x 64^2) and feed-forward (2 x 2 x 64 x 128) on 23
+    # of 24 positions, and 24^2 - 24 of its pairs (256 each)
+    assert full.forward([24]) - flops.forward([24]) == 23 * (4 * 64 ** 2 + 4 * 64 * 128) + (24 ** 2 - 24) * 256
+
+
 def test_batches_count_calls_and_adversarial_passes():
     flops = encoder_flops(tf.DebertaV2Config(**TINY, relative_attention=True, position_buckets=16,
                                              pos_att_type=["c2p"]))
@@ -165,9 +182,11 @@ def test_training_run_reports_model_flops_and_mfu(tiny_model_dir, tmp_path):
     metrics, report = read_run(run)
     tokenizer = tf.AutoTokenizer.from_pretrained(tiny_model_dir)
     lengths = [len(tokenizer(text)["input_ids"]) for text in sentences] * 2  # two epochs
-    # the tiny BERT: hidden 32, intermediate 64, 2 layers
-    per_token, per_pair = 2 * (8 * 32 ** 2 + 4 * 32 * 64), 2 * 4 * 32
-    expected = 3 * sum(per_token * n + per_pair * n * n for n in lengths)
+    # the tiny BERT: hidden 32, intermediate 64, 2 layers; a layer is 16,384 FLOPs per token + 128 per pair. The
+    # sentence head's top layer computes keys and values (4,096 per token) for all, the rest for [CLS] alone.
+    layer, keys_values, pair = 8 * 32 ** 2 + 4 * 32 * 64, 4 * 32 ** 2, 4 * 32
+    expected = 3 * sum(layer * n + pair * n * n + keys_values * n + (layer - keys_values) + pair * n
+                       for n in lengths)
     assert metrics["train_model_flops"] == pytest.approx(expected, rel=1e-12)
     # the metrics' own token count: tokens/s x runtime, to the rounding of train_runtime (1 ms of a ~0.1 s run)
     real_tokens = metrics["train_tokens_per_second"] * metrics["train_runtime"]
