@@ -36,11 +36,11 @@ TRAINING_FACTOR = 3  # forward + backward (input and weight gradients): 3 x the 
 
 # Dense peak of common GPUs in TFLOPS (vendor spec sheets, without sparsity) by precision: the divisor of MFU.
 # fp32 is the tensor-core TF32 figure where torch lets matmuls use TF32, else the plain fp32 one (see peak_tflops).
-GPU_PEAK_TFLOPS = {  # name fragment -> (bf16/fp16, tf32, fp32)
+GPU_PEAK_TFLOPS: dict[str, tuple[float, float, float] | None] = {  # name fragment -> (bf16/fp16, tf32, fp32)
     "H200": (989.4, 494.7, 66.9), "H100 SXM": (989.4, 494.7, 66.9), "H100 80GB HBM3": (989.4, 494.7, 66.9),
     "H100 PCIe": (756.0, 378.0, 51.2), "H100": (756.0, 378.0, 51.2), "A100": (312.0, 156.0, 19.5),
-    "L40S": (362.1, 183.0, 91.6), "L4": (121.0, 60.0, 30.3), "A10G": (70.0, 35.0, 31.2), "A10": (125.0, 62.5, 31.2),
-}
+    "L40S": (362.1, 183.0, 91.6), "L4": (121.0, 60.0, 30.3), "A10G": None, "A10": (125.0, 62.5, 31.2),
+}  # None: no figure we trust (the A10G's clocks differ from the A10's): give --peak_tflops
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ def peak_tflops(device: torch.device, precision: str, setting: float | None = No
         return None
     if precision in ("bf16", "fp16"):
         return entry[0], f"{name} dense {precision} peak"
-    if torch.backends.cuda.matmul.allow_tf32:
+    if torch.get_float32_matmul_precision() != "highest":  # fp32 matmuls may run on TF32 tensor cores
         return entry[1], f"{name} dense TF32 peak"
     return entry[2], f"{name} fp32 peak"
 

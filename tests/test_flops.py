@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bert_ft.cli import main, parse
 from bert_ft.errors import UsageError
 from bert_ft.flops import (batches_training_flops, encoder_flops, first_token_top_layer, known_flops,
-                           passes_per_step, training_metrics, training_products)
+                           passes_per_step, peak_tflops, training_metrics, training_products)
 from bert_ft.heads import read_first_token_only
 
 from .conftest import ROOT
@@ -262,3 +262,16 @@ def test_an_architecture_without_bert_size_fields_reports_null_flops():
         encoder_flops(config)
     assert training_metrics(None, 100, 1.0, (1.0, "--peak_tflops")) == {
         "train_model_flops": None, "train_model_flops_per_token": None, "train_model_gflops_per_second": None}
+
+
+def test_peak_by_device_and_precision(monkeypatch):
+    assert peak_tflops(torch.device("cpu"), "bf16") is None  # a CPU's bound is measured, not looked up
+    assert peak_tflops(torch.device("cpu"), "fp32", 2.5) == (2.5, "--peak_tflops")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_tflops(torch.device("cuda"), "bf16") == (989.4, "NVIDIA H100 80GB HBM3 dense bf16 peak")
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert peak_tflops(torch.device("cuda"), "fp32")[0] == 66.9
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")  # TF32 allowed
+    assert peak_tflops(torch.device("cuda"), "fp32")[0] == 494.7
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10G")
+    assert peak_tflops(torch.device("cuda"), "bf16") is None  # not the A10's figure: unknown, --peak_tflops
