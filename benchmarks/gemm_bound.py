@@ -219,11 +219,16 @@ def main() -> None:
         largest = max(results["squares"][run_dtype].items(), default=None)
         print(f"\nrun {args.metrics}: {run['gflops']:.1f} model GFLOP/s achieved in {run['precision']} "
               f"({run['tokens']} real tokens per micro-batch)")
+        native = results["bounds"][f"{run_dtype}/{run['tokens']}"]["native"]
         print(f"MFU = achieved / GEMM bound at the model's shapes = {run['gflops']:.1f} / {bound:.1f} = "
-              f"{run['gflops'] / bound:.1%}")
+              f"{run['gflops'] / bound:.1%}" + ("" if native else f" ({run_dtype} is emulated on this machine: "
+                                                "not an MFU; measure where the run's precision is native)"))
         if largest:
             print(f"     achieved / {largest[0]}-square products' rate = {run['gflops']:.1f} / {largest[1]:.1f} = "
                   f"{run['gflops'] / largest[1]:.1%}")
+        if run["gflops"] > bound:
+            print("  above the bound: this machine was busier now than during the run, or torch's thread count "
+                  "differs from the run's (--threads); measure both on the idle machine")
         results["mfu"] = run["gflops"] / bound
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:
