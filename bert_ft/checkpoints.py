@@ -37,6 +37,8 @@ class TrainerState:
     real_tokens: int = 0
     padded_tokens: int = 0
     trained_samples: int = 0  # training examples seen, over every process (what samples/s counts)
+    train_flops: float | None = 0.0  # model FLOPs of the batches trained (bert_ft.flops), every process; None:
+    # the architecture's config lacks BERT's size fields
 
 
 def list_checkpoints(output_dir: str) -> list[str]:

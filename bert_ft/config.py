@@ -117,6 +117,8 @@ class TrainConfig:
                           "wandb, comet_ml, aim, clearml, dvclive, ... (passed to Accelerate), all, or none")
     run_name: str | None = flag(None, "the run's name in the trackers (default: the --output_dir folder name)")
     torch_compile: bool = flag(False, "torch.compile the model (slow start, can help long GPU runs)")
+    peak_tflops: float | None = flag(None, "the device's peak TFLOPS in the run's precision: metrics.json then "
+                                     "reports MFU (known GPUs need none; a CPU's bound: benchmarks/gemm_bound.py)")
     logging_steps: int = flag(50, "print the training loss every N optimiser steps")
     debug: bool = flag(False, "show full tracebacks on errors")
     verbose: bool = flag(False, "print the detail: transformers' load report, the learning-rate table (always in "
@@ -153,6 +155,9 @@ class TrainConfig:
                 bad(name, f"must be >= 1 when given, got {value}")
         if self.max_seq_length < 8:
             bad("max_seq_length", f"must be >= 8, got {self.max_seq_length}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            bad("peak_tflops", f"must be > 0 when given (the device's peak in TFLOPS, e.g. 989 for an H100 SXM "
+                "in bf16), got {self.peak_tflops}")
         if self.learning_rate <= 0:
             bad("learning_rate", f"must be > 0, got {self.learning_rate}")
         if self.head_learning_rate is not None and self.head_learning_rate <= 0:

@@ -31,9 +31,9 @@ NOT_QUALITY = ("runtime", "samples_per_second", "samples")
 # change the model
 RESOLVED_OR_HOUSEKEEPING = ("packing", "debug", "overwrite_output_dir", "overwrite_cache", "data_cache_dir",
                             "check_data", "config", "logging_steps", "report_to", "run_name")
-SPEED_KEYS = ("train_runtime", "train_samples_per_second", "train_tokens_per_second", "peak_memory_mb", "precision",
-              "packing", "num_processes", "eval_samples_per_second", "test_samples_per_second",
-              "trainable_parameters")
+SPEED_KEYS = ("train_runtime", "train_samples_per_second", "train_tokens_per_second", "train_model_flops_per_token",
+              "train_model_gflops_per_second", "train_mfu", "peak_memory_mb", "precision", "packing", "num_processes",
+              "eval_samples_per_second", "test_samples_per_second", "trainable_parameters")
 
 
 def _read(path: str) -> dict:

@@ -16,6 +16,7 @@ from .calibration import calibrate, calibration_section, expected_calibration_er
 from .checkpoints import TrainerState
 from .config import TrainConfig
 from .data_stage import Data
+from .flops import peak_tflops, training_metrics
 from .heads import has_score_seam
 from .inference import decode_batches, infer, score_batches
 from .io import atomic_write_json, atomic_write_text
@@ -144,7 +145,7 @@ def final_scoring(task: Task, config: TrainConfig, data: Data, training: Trainin
         task.head_type.load(model_dir, read_meta(model_dir))
     training.network.load_state_dict(best.state_dict())
     del best
-    metrics = _final_metrics(state, data, accelerator, training)
+    metrics = _final_metrics(state, data, accelerator, training, config.peak_tflops)
     report_sections = [f"bert-ft {task.name} run: {config.output_dir}",
                        f"best epoch: {state.best_epoch} (by validation {task.metric})" if "validation" in data.features
                        else "no validation set: the last epoch is kept"]
@@ -189,9 +190,11 @@ def final_scoring(task: Task, config: TrainConfig, data: Data, training: Trainin
     return metrics
 
 
-def _final_metrics(state: TrainerState, data: Data, accelerator: Accelerator, training: Training) -> dict:
+def _final_metrics(state: TrainerState, data: Data, accelerator: Accelerator, training: Training,
+                   peak_setting: float | None) -> dict:
     seconds = max(state.train_seconds, 1e-9)
     epochs_done = len(state.history)
+    peak = peak_tflops(accelerator.device, precision_name(accelerator), peak_setting)
     return {
         "train_runtime": round(state.train_seconds, 3),
         "train_samples": len(data.splits.train),
@@ -209,11 +212,15 @@ def _final_metrics(state: TrainerState, data: Data, accelerator: Accelerator, tr
         "packing": training.packing,
         "train_loss": state.history[-1]["train_loss"] if state.history else None,
         "trainable_parameters": trainable_parameters(training.network),
+        # model FLOPs (bert_ft.flops: matrix products, per-example attention, 3 x forward) over real tokens
+        **training_metrics(state.train_flops, state.real_tokens, state.train_seconds, peak,
+                           accelerator.num_processes),
     }
 
 
 def _speed_section(metrics: dict) -> str:
     keys = ("train_runtime", "train_samples_per_second", "train_tokens_per_second", "padding_ratio",
-            "peak_memory_mb", "precision", "packing", "eval_samples_per_second", "test_samples_per_second",
+            "train_model_flops_per_token", "train_model_gflops_per_second", "train_mfu", "mfu_peak_tflops",
+            "mfu_peak_source", "peak_memory_mb", "precision", "packing", "eval_samples_per_second", "test_samples_per_second",
             "num_processes")
-    return "== speed ==\n" + "\n".join(f"{key:<26} {metrics[key]}" for key in keys if key in metrics)
+    return "== speed ==\n" + "\n".join(f"{key:<30} {metrics[key]}" for key in keys if key in metrics)
