@@ -26,7 +26,10 @@ is its own subprocess (one at a time) so that peak memory (RSS; GPU memory on a 
 precision: train samples/s, real (non-pad) tokens/s, padding ratio (1 - real tokens / token slots computed), peak
 memory, eval samples/s and the test score, means over `--seeds` and per seed, with ratios against the recipe in
 the same precision, and bert-ft's CPU default (packed, bf16 where native) against the recipe's default (fp32).
-On a GPU (or with `--peak_tflops`) it also prints model FLOPs utilisation on real tokens. Every run records the
+Both sides print the achieved model GFLOP/s over real tokens (bert_ft.flops: the same count as bert-ft's
+metrics.json) and MFU: on a GPU (or with `--peak_tflops`) against the dense peak, on a CPU against the GEMM bound
+at the model's own shapes and the runs' tokens per step, timed on this machine after the runs
+(benchmarks/gemm_bound.py; not for bf16 where the CPU emulates it). Every run records the
 machine's load beside it (`other_load_cores`: CPU seconds other processes used per second of the run, from
 /proc/stat): a speed measured with it above ~0.1 shared the cores and is not the machine's.
 
@@ -107,7 +110,9 @@ def run_bert_ft(args) -> dict:
             "eval_samples_per_second": metrics["test_samples_per_second"], "score": metrics[SCORE[args.task]],
             "train_runtime": metrics["train_runtime"],
             "real_tokens": metrics["train_tokens_per_second"] * metrics["train_runtime"],
-            "train_samples": metrics["train_samples"] * metrics["epochs_trained"]}
+            "train_samples": metrics["train_samples"] * metrics["epochs_trained"],
+            "train_gflops_per_second": metrics.get("train_model_gflops_per_second"),
+            "train_batches": -(-metrics["train_samples"] // args.batch_size) * metrics["epochs_trained"]}
 
 
 class CountingCollator:
@@ -115,12 +120,14 @@ class CountingCollator:
 
     def __init__(self, collator) -> None:
         self.collator, self.real, self.padded, self.counting = collator, 0, 0, True
+        self.lengths: list[list[int]] = []  # real tokens of each example, per training batch (model FLOPs)
 
     def __call__(self, features):
         batch = self.collator(features)
         if self.counting:
             self.real += int(batch["attention_mask"].sum())
             self.padded += batch["attention_mask"].numel()
+            self.lengths.append(batch["attention_mask"].sum(dim=1).tolist())
         return batch
 
 
@@ -272,30 +279,46 @@ def run_recipe(args) -> dict:
             "padding_ratio": 1 - collator.real / max(collator.padded, 1), "peak_memory_mb": peak_memory_mb(),
             "eval_samples_per_second": len(test_set) / eval_seconds, "score": score,
             "train_runtime": train_metrics["train_runtime"], "real_tokens": collator.real,
-            "train_samples": len(train_set) * args.num_train_epochs}
+            "train_samples": len(train_set) * args.num_train_epochs,
+            "train_gflops_per_second": recipe_gflops(model.config, collator.lengths, train_metrics["train_runtime"]),
+            "train_batches": len(collator.lengths)}
 
 
-# Dense bf16 peak of common accelerators (vendor spec sheets, without sparsity), for model FLOPs utilisation.
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100": 756.0,
-                    "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 125.0, "A10": 125.0, "RTX 4090": 165.2}
+def recipe_gflops(config, batches: list[list[int]], seconds: float) -> float | None:
+    """Achieved model GFLOP/s of the recipe's training (bert_ft.flops conventions, the same as bert-ft's
+    metrics.json: per-example attention over real tokens, 3 x forward), from the real lengths of its batches."""
+    from bert_ft.flops import known_flops
+
+    flop_model = known_flops(config)
+    if flop_model is None:
+        return None
+    return sum(flop_model.training(lengths) for lengths in batches) / max(seconds, 1e-9) / 1e9
 
 
-def flops_per_token(config, mean_length: float) -> float:
-    """Training FLOPs per real token: 6 x non-embedding parameters + attention scores (the usual MFU count)."""
-    hidden, layers, inner = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    per_layer = 4 * hidden * hidden + 2 * hidden * inner  # Q, K, V, output projections + the feed-forward
-    return 6 * layers * per_layer + 12 * layers * hidden * mean_length
+_BOUNDS: dict = {}  # (precision, tokens per batch) -> GFLOP/s: one timing per shape set
 
 
-def peak_tflops(args) -> float | None:
-    if args.peak_tflops:
-        return args.peak_tflops
+def gemm_bound(config, side_runs: list[dict], precision: str, args) -> float | None:
+    """The GEMM bound (GFLOP/s) of one training step at these runs' mean real tokens per batch, timed now on this
+    machine at the model's own shapes (benchmarks/gemm_bound.step_bound); None with --no_gemm_bound, for fp16, or
+    for bf16 where the CPU emulates it (no bound to speak of)."""
     import torch
 
-    if not torch.cuda.is_available():
+    from benchmarks.gemm_bound import bf16_is_native, step_bound
+
+    if args.no_gemm_bound or precision == "fp16" or (precision == "bf16" and not bf16_is_native(torch.device("cpu"))):
         return None
-    name = torch.cuda.get_device_name()
-    return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
+    batches = [run["train_batches"] for run in side_runs if run.get("train_batches")]
+    if not batches:
+        return None
+    tokens = round(statistics.fmean(run["real_tokens"] / run["train_batches"] for run in side_runs
+                                    if run.get("train_batches")))
+    key = (precision, tokens)
+    if key not in _BOUNDS:
+        _BOUNDS[key] = step_bound(config, tokens, args.batch_size, "bf16" if precision == "bf16" else "fp32")["gflops"]
+        print(f"GEMM bound at the model's shapes, {tokens} real tokens in {args.batch_size} examples per step, "
+              f"{'bf16' if precision == 'bf16' else 'fp32'}: {_BOUNDS[key]:.1f} GFLOP/s", flush=True)
+    return _BOUNDS[key]
 
 
 def interval_90(differences: list[float]) -> tuple[float, float]:
@@ -368,7 +391,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", metavar="SIDE/PRECISION",
                         help="run only these (side, precision) pairs, e.g. recipe/no packed/bf16")
     parser.add_argument("--peak_tflops", type=float, help="peak FLOP/s of the device in TFLOPS, for MFU (GPUs "
-                        "in PEAK_BF16_TFLOPS are known; on a CPU MFU is printed only with this flag)")
+                        "in bert_ft.flops.GPU_PEAK_TFLOPS are known; on a CPU MFU is against the measured GEMM bound)")
+    parser.add_argument("--no_gemm_bound", action="store_true",
+                        help="on a CPU, do not time the GEMM bound at the model's shapes (MFU is then not printed)")
     parser.add_argument("--output", help="also write every run's numbers (per side, precision and seed) as JSON")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # a child's one side
     parser.add_argument("--mixed_precision", help=argparse.SUPPRESS)  # a child's one precision
@@ -399,17 +424,25 @@ def main() -> None:
             "eval_samples_per_second", "score", "train_runtime"]
     if all("other_load_cores" in run for side_runs in runs.values() for run in side_runs):
         keys.append("other_load_cores")  # > 0.1 means something else ran: the speeds are not this machine's
-    peak = peak_tflops(args)
-    if peak:
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
-        from bert_ft.encoder import resolve_model_path
+    from bert_ft.encoder import resolve_model_path
+    from bert_ft.flops import peak_tflops
 
-        config = AutoConfig.from_pretrained(resolve_model_path(args.model_name_or_path))
-        for run in (run for side_runs in runs.values() for run in side_runs):
-            model_flops = flops_per_token(config, run["real_tokens"] / run["train_samples"])  # mean real length
-            run["mfu_real_tokens"] = run["train_tokens_per_second"] * model_flops / (peak * 1e12)
-        keys.append("mfu_real_tokens")
+    config = AutoConfig.from_pretrained(resolve_model_path(args.model_name_or_path))
+    if all(run.get("train_gflops_per_second") for side_runs in runs.values() for run in side_runs):
+        keys.append("train_gflops_per_second")  # model FLOPs over real tokens (bert_ft.flops), both sides alike
+        for (side, precision), side_runs in runs.items():
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            peak = peak_tflops(device, precision, args.peak_tflops)
+            bound = None if peak else gemm_bound(config, side_runs, precision, args)
+            for run in side_runs:
+                if peak:  # MFU against the device's dense peak
+                    run["mfu"] = run["train_gflops_per_second"] / (peak[0] * 1e3)
+                elif bound:  # on a CPU: against the GEMM bound at the model's own shapes, measured here, now
+                    run["mfu"] = run["train_gflops_per_second"] / bound
+        if all("mfu" in run for side_runs in runs.values() for run in side_runs):
+            keys.append("mfu")
     mean = {name: {key: statistics.fmean(run[key] for run in side_runs) for key in keys}
             for name, side_runs in runs.items()}
 
