@@ -21,6 +21,7 @@ from .data import Collator, FeatureDataset, LengthGroupedSampler
 from .data_stage import Data
 from .encoder import resolve_model_path, transfer_encoder
 from .errors import UsageError
+from .families import use_block_attention
 from .inference import eval_loader, packing_is_exact  # the check lives beside inference (predict packs too)
 from .lora import apply_lora
 from .losses import format_weights, label_counts, resolve_class_weights
@@ -118,6 +119,10 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
         packing = "off (packed rows did not reproduce padded ones for this architecture; padding instead)"
     else:
         packing = "on"
+    if packing == "on" and config.block_attention != "off":  # per-example attention (bert_ft.block_attention)
+        switched = ("off (--torch_compile: the layout is planned in Python every step)" if config.torch_compile
+                    else use_block_attention(model.model, config.block_attention))
+        log(f"block attention: {switched}")
     collator = Collator(pad_values, pack=packing == "on", pad_to_multiple_of=pad_multiple)
     described = "packed: random batches, several examples per row" if packing == "on" else f"padded; packing {packing}"
     log(f"batches: {described}; training precision: {precision_name(accelerator)}")
