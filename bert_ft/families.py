@@ -148,9 +148,13 @@ def use_block_attention(model: nn.Module, mode: str) -> str:
     through transformers' registry and a packed check batch gives the same outputs both ways; returns what
     happened, for the log (why not, where it stays off)."""
     if mode == "off":
+        model.__dict__.pop(BLOCK_MODE, None)
         return "off"
     family = family_of(model)
     implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation in blocks.IMPLEMENTATIONS and BLOCK_MODE in model.__dict__:  # switched on already
+        model.__dict__[BLOCK_MODE] = mode
+        return _switched(mode)
     if family.boolean_mask:
         return (f"off ({family.model_type} computes its own attention with relative positions, outside "
                 "transformers' attention registry: packed rows keep the block-diagonal mask)")
@@ -162,9 +166,13 @@ def use_block_attention(model: nn.Module, mode: str) -> str:
         return f"off ({family.model_type}'s attention cannot be switched at run time)"
     if model.config._attn_implementation == blocks.REPLACES[implementation] and _block_matches_mask(model):
         model.__dict__[BLOCK_MODE] = mode
-        return "on (training steps)" if mode == "train" else "on (training and evaluation)"
+        return _switched(mode)
     model.set_attn_implementation(implementation)
     return "off (the check batch's per-example attention differed from the masked rows)"
+
+
+def _switched(mode: str) -> str:
+    return "on (training steps)" if mode == "train" else "on (training and evaluation)"
 
 
 def _block_matches_mask(model: nn.Module) -> bool:
