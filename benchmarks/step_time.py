@@ -47,10 +47,10 @@ def main() -> None:
 
     import torch
 
+    from bert_ft.block_attention import use_block_attention
     from bert_ft.cli import parse
     from bert_ft.data import Collator
     from bert_ft.data_stage import prepare_data
-    from bert_ft.families import use_block_attention
     from bert_ft.train import train_step
     from bert_ft.training_setup import build_training, make_accelerator
 

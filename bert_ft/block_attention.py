@@ -9,16 +9,15 @@ batched products, and put back. The design points:
 
 How the attention function learns the layout. transformers (5.x) passes every extra keyword argument of a model's
   forward down to the attention function of each layer, on every family whose attention goes through its registry.
-  `bert_ft.families.encoder_call` adds one, `bert_ft_blocks`: a `BlockLayout` built from the batch's
-  example_row/offset/length (the batch contract, `bert_ft.heads`), once per forward and shared by every layer. It
+  `bert_ft.families.encoder_call` adds one, `bert_ft_blocks`: a `bert_ft.block_layout.BlockLayout` built from the batch's example_row/offset/length (the batch contract, `bert_ft.heads`), once per forward and shared by every layer. It
   lives only in that call's arguments, so nothing leaks into the next call (another batch, another model, eval);
-  it is added only to packed batches of a model that `bert_ft.families.use_block_attention` switched on (a training
+  it is added only to packed batches of a model that `use_block_attention` switched on (a training
   run's own model: predict, export and a reloaded folder never are), never while exporting or compiling, and in
   evaluation only with `--block_attention on`. Without it (padded batches, evaluation under `train`, the [CLS]-only
   top layer, the start-up `packing_is_exact` check) the registered function is exactly the masked path it replaced
   (`bulk_dropout_attention`, or SDPA with --bulk_dropout false).
 How examples of different lengths share a matrix product. They are sorted by length and split into at most
-  `MAX_BUCKETS` buckets of consecutive lengths; a bucket is padded to its longest member and computed as one
+  `bert_ft.block_layout.MAX_BUCKETS` buckets of consecutive lengths; a bucket is padded to its longest member and computed as one
   (examples, heads, width, width) product (shorter members' extra keys get finfo.min, like the masked path). The
   split minimises sum over buckets of examples x width^2 + BUCKET_OVERHEAD per bucket (an exact dynamic programme
   over the sorted lengths); a batch whose best split costs no less than its rows x width^2 keeps the masked path.
@@ -41,125 +40,22 @@ Dropout. With attention dropout in training the soft-max is explicit and its dro
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .block_layout import BLOCK_MODE, LAYOUT_ARGUMENT, BlockLayout, build_layout
 from .cpu import ATTENTION_NAME as BULK_ATTENTION_NAME, AttentionInterface, AttentionMaskInterface
 from .cpu import bulk_dropout, bulk_dropout_attention, sdpa_attention_forward, sdpa_mask
+from .data import Collator
+from .families import encoder_call, family_of
 
-LAYOUT_ARGUMENT = "bert_ft_blocks"  # the attention keyword argument carrying a BlockLayout
-MAX_BUCKETS = 6
-# A bucket's fixed cost (its gathers, two products, soft-max, dropout and their backward are about a dozen kernel
-# calls) in units of one (query, key) pair of one example: a reasoned estimate, not a measurement.
-BUCKET_OVERHEAD = 1024
 # The transformers attention implementations registered here: name -> (the masked path it falls back to, the
 # dropout of its explicit soft-max).
 IMPLEMENTATIONS = {"bert_ft_block": (sdpa_attention_forward, F.dropout),
                    "bert_ft_block_bulk": (bulk_dropout_attention, bulk_dropout)}
 REPLACES = {"sdpa": "bert_ft_block", BULK_ATTENTION_NAME: "bert_ft_block_bulk"}  # masked path -> block version
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """Examples of similar length computed as one product: `count` examples padded to `width` tokens."""
-
-    count: int
-    width: int
-    key_mask: torch.Tensor | None  # (count, 1, width) float32, 0 / finfo.min past each example's end; None: none
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """Where each example of a packed batch sits, as index tensors shared by every layer of one forward."""
-
-    rows: int
-    width: int
-    gather: torch.Tensor  # (slots,) flat position row * width + column of each bucket slot, buckets one after another
-    scatter: torch.Tensor  # (rows * width,) the slot each position's output comes from; padding: `slots`, a zero row
-    buckets: tuple[Bucket, ...]
-    cost: int  # sum of count x width^2 over the buckets (query-key pairs per head)
-
-
-def plan_buckets(lengths: list[int], max_buckets: int = MAX_BUCKETS,
-                 overhead: int | None = None) -> tuple[list[list[int]], int]:
-    """(buckets of indices into `lengths`, each longest first, their cost sum count x width^2) minimising that cost
-    plus `overhead` per bucket, over the splits of the lengths sorted longest first into at most `max_buckets` runs
-    of consecutive ranks (an exact dynamic programme: rows of the examples' count, a few levels); `overhead`
-    None: BUCKET_OVERHEAD."""
-    overhead = BUCKET_OVERHEAD if overhead is None else overhead
-    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
-    ranked = np.array([lengths[index] for index in order], dtype=np.int64)  # longest first
-    count = len(ranked)
-    first, last = np.arange(count)[:, None], np.arange(count)[None, :]
-    never = np.iinfo(np.int64).max // 4  # the cost of an impossible split (sums of two stay representable)
-    # span[j, i]: one bucket holding ranked[j..i], as wide as ranked[j]
-    span = np.where(last >= first, (last - first + 1) * ranked[:, None] ** 2, never)
-    best = span[0].copy()  # best[i]: the cheapest split of ranked[0..i] into exactly `level` buckets
-    starts = [np.zeros(count, dtype=np.int64)]  # starts[level - 1][i]: where that split's last bucket begins
-    totals = [int(best[-1]) + overhead]
-    for level in range(2, min(max_buckets, count) + 1):
-        # the best split of ranked[0..j-1] into level - 1 buckets, then ranked[j..i]
-        candidates = np.full((count, count), never, dtype=np.int64)
-        candidates[1:] = np.minimum(best[:-1, None] + span[1:], never)
-        start = candidates.argmin(axis=0)
-        best = candidates[start, np.arange(count)]
-        starts.append(start)
-        totals.append(int(best[-1]) + overhead * level)
-    level = int(np.argmin(totals)) + 1  # the bucket count with the lowest cost + overhead
-    bounds, end = [], count - 1
-    for current in range(level, 0, -1):
-        begin = int(starts[current - 1][end])
-        bounds.append((begin, end))
-        end = begin - 1
-    buckets = [order[begin:end + 1] for begin, end in reversed(bounds)]
-    cost = sum(len(bucket) * lengths[bucket[0]] ** 2 for bucket in buckets)
-    return buckets, cost
-
-
-def build_layout(example_row: torch.Tensor, example_offset: torch.Tensor, example_length: torch.Tensor, rows: int,
-                 width: int, max_buckets: int = MAX_BUCKETS) -> BlockLayout:
-    """The BlockLayout of a packed batch: examples (examples,) at (row, offset) with `length` tokens, in `rows` rows
-    of `width` tokens (index arithmetic in numpy: a few hundred microseconds for a batch of 32)."""
-    row, offset, length = (value.cpu().numpy().astype(np.int64) for value in
-                           (example_row, example_offset, example_length))
-    groups, cost = plan_buckets(length.tolist(), max_buckets)
-    gather_parts, buckets = [], []
-    scatter = np.full(rows * width, -1, dtype=np.int64)  # -1 until an example's token claims the position
-    slot = 0
-    for group in groups:
-        members = np.asarray(group)
-        bucket_width = int(length[members[0]])
-        steps = np.arange(bucket_width)
-        starts = row[members] * width + offset[members]  # (count,) flat position of each first token
-        row_ends = row[members] * width + width - 1
-        # slots past an example's end read the following tokens of its row (kept inside the row); they are masked
-        # as keys and their query outputs are never read
-        positions = np.minimum(starts[:, None] + steps, row_ends[:, None])  # (count, width)
-        real = steps[None, :] < length[members][:, None]  # (count, width)
-        slots = slot + np.arange(len(group) * bucket_width).reshape(len(group), bucket_width)
-        scatter[positions[real]] = slots[real]
-        gather_parts.append(positions.reshape(-1))
-        key_mask = None
-        if not real.all():
-            key_mask = torch.zeros(real.shape, dtype=torch.float32).masked_fill_(
-                torch.from_numpy(~real), torch.finfo(torch.float32).min)[:, None, :]  # (count, 1, width)
-            key_mask = key_mask.to(example_row.device)
-        buckets.append(Bucket(len(group), bucket_width, key_mask))
-        slot += len(group) * bucket_width
-    scatter[scatter < 0] = slot  # a row's trailing padding reads the zero row appended after the last slot
-    device = example_row.device
-    return BlockLayout(rows, width, torch.from_numpy(np.concatenate(gather_parts)).to(device),
-                       torch.from_numpy(scatter).to(device), tuple(buckets), cost)
-
-
-def worthwhile(layout: BlockLayout) -> bool:
-    """Whether the buckets cost less than the masked path's rows x width^2 (one product, no extra buckets)."""
-    buckets = len(layout.buckets)
-    return layout.cost + BUCKET_OVERHEAD * (buckets - 1) < layout.rows * layout.width ** 2
 
 
 def _band(width: int, half: int, device: torch.device) -> torch.Tensor:
@@ -239,3 +135,71 @@ def register() -> bool:
         AttentionInterface.register(name, functools.partial(block_attention_forward, implementation=name))
         AttentionMaskInterface.register(name, sdpa_mask)  # padded batches get exactly sdpa's masks
     return True
+
+
+def use_block_attention(model: nn.Module, mode: str) -> str:
+    """Switch `model` (a transformers model) to per-example attention on packed batches: in training steps (mode
+    "train") or in evaluation too ("on"); "off" leaves it alone. Switched only where the family's attention goes
+    through transformers' registry and a packed check batch gives the same outputs both ways; returns what
+    happened, for the log (why not, where it stays off)."""
+    if mode == "off":
+        model.__dict__.pop(BLOCK_MODE, None)
+        return "off"
+    family = family_of(model)
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation in IMPLEMENTATIONS and BLOCK_MODE in model.__dict__:  # switched on already
+        model.__dict__[BLOCK_MODE] = mode
+        return _switched(mode)
+    if family.boolean_mask:
+        return (f"off ({family.model_type} computes its own attention with relative positions, outside "
+                "transformers' attention registry: packed rows keep the block-diagonal mask)")
+    if implementation not in REPLACES or not register():
+        return f"off (the model's attention is {implementation!r}, not SDPA: packed rows keep the block-diagonal mask)"
+    try:
+        model.set_attn_implementation(REPLACES[implementation])
+    except (ValueError, ImportError):
+        return f"off ({family.model_type}'s attention cannot be switched at run time)"
+    if model.config._attn_implementation == REPLACES[implementation] and _block_matches_mask(model):
+        model.__dict__[BLOCK_MODE] = mode
+        return _switched(mode)
+    model.set_attn_implementation(implementation)
+    return "off (the check batch's per-example attention differed from the masked rows)"
+
+
+def _switched(mode: str) -> str:
+    return "on (training steps)" if mode == "train" else "on (training and evaluation)"
+
+
+def _block_matches_mask(model: nn.Module) -> bool:
+    """Eval-mode outputs of a packed check batch (examples of 1 to 21 tokens, 1 to 4 per row) with and without
+    the block layout, compared at every example token."""
+    lengths = [21, 9, 1, 6, 3, 1, 14, 2]
+    generator = torch.Generator().manual_seed(0)
+    high = min(model.config.vocab_size, 1000)
+    items = [(index, {"input_ids": torch.randint(5, high, (length,), generator=generator).tolist()})
+             for index, length in enumerate(lengths)]
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    batch = Collator({"input_ids": pad}, pack=True)(items)
+    device = next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in batch.items()}
+    inputs = encoder_call(model, {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")})
+    layout = build_layout(batch["example_row"], batch["example_offset"], batch["example_length"],
+                                 batch["input_ids"].size(0), batch["input_ids"].size(1))
+    real = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=device)  # (rows, seq) example tokens
+    for row, offset, length in zip(*(batch[key].tolist() for key in ("example_row", "example_offset",
+                                                                        "example_length"))):
+        real[row, offset:offset + length] = True
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            masked = model(**inputs)[0]
+            blocked = model(**inputs, **{LAYOUT_ARGUMENT: layout})[0]
+        if masked.dim() >= 3 and masked.shape[:2] == real.shape:  # token outputs: compare the example tokens
+            masked, blocked = masked[real], blocked[real]
+        same = masked.shape == blocked.shape and torch.allclose(masked.float(), blocked.float(), atol=1e-5,
+                                                                rtol=1e-4)
+    except Exception:  # a forward that refuses the layout argument: keep the masked path
+        same = False
+    model.train(was_training)
+    return same

@@ -13,7 +13,7 @@ turns that into what a given transformers encoder needs:
   ModernBERT          alternating global and local (sliding-window) layers with rotary positions: a 4-D mask would
                       be used as-is by both kinds of layer, so both masks are given (the block mask, and the block
                       mask cut to |i - j| <= sliding_window, the band its local layers see)
-  block attention     with --block_attention (`use_block_attention`, bert_ft.block_attention) a packed batch's
+  block attention     with --block_attention (bert_ft.block_attention.use_block_attention) a packed batch's
                       layout rides along as one more keyword argument, which the model passes down to its
                       attention function: every family but DeBERTa, whose attention is its own
 `encoder_layers` finds the stack of per-depth layers that layer-wise lr decay and --freeze_layers address, and
@@ -31,9 +31,8 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from . import block_attention as blocks
+from .block_layout import BLOCK_MODE, LAYOUT_ARGUMENT, BlockLayout, build_layout, worthwhile
 from .checks import PADDING_OFFSET_MODEL_TYPES
-from .data import Collator
 from .errors import UsageError
 
 # Families whose attention reads the mask as 0/1 (keep where nonzero) rather than as an additive bias.
@@ -101,7 +100,7 @@ def encoder_call(model: nn.Module, inputs: dict, examples: dict | None = None) -
     """The encoder inputs of the batch contract (input_ids, attention_mask, token_type_ids, position_ids) as
     `model`'s family takes them (see the module's docstring). Padded batches pass unchanged but for token types.
     `examples` (the batch's example_row/offset/length) lets a packed batch carry its block layout where block
-    attention is on for `model` (`use_block_attention`)."""
+    attention is on for `model` (`bert_ft.block_attention.use_block_attention`)."""
     family = family_of(model)
     inputs = dict(inputs)
     if not family.token_types:
@@ -111,7 +110,7 @@ def encoder_call(model: nn.Module, inputs: dict, examples: dict | None = None) -
         return inputs  # padded: the model's own position ids and mask handling
     layout = _block_layout(model, mask, examples)
     if layout is not None:
-        inputs[blocks.LAYOUT_ARGUMENT] = layout
+        inputs[LAYOUT_ARGUMENT] = layout
     if family.position_offset:
         inputs["position_ids"] = inputs["position_ids"] + family.position_offset
     if family.boolean_mask:
@@ -127,87 +126,16 @@ def encoder_call(model: nn.Module, inputs: dict, examples: dict | None = None) -
 
 # ------------------------------------------------------------------------------------------ block attention
 
-BLOCK_MODE = "_bert_ft_block_attention"  # the model attribute (not saved) holding --block_attention once on
-
-
-def _block_layout(model: nn.Module, mask: torch.Tensor, examples: dict | None) -> blocks.BlockLayout | None:
+def _block_layout(model: nn.Module, mask: torch.Tensor, examples: dict | None) -> BlockLayout | None:
     """The layout of a packed batch when block attention is on for `model` in its current mode and pays."""
     mode = model.__dict__.get(BLOCK_MODE)
     if (examples is None or mode is None or (mode == "train" and not model.training)
             or torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
             or torch.onnx.is_in_onnx_export()):
         return None
-    layout = blocks.build_layout(examples["example_row"], examples["example_offset"], examples["example_length"],
+    layout = build_layout(examples["example_row"], examples["example_offset"], examples["example_length"],
                                  mask.size(0), mask.size(-1))
-    return layout if blocks.worthwhile(layout) else None
-
-
-def use_block_attention(model: nn.Module, mode: str) -> str:
-    """Switch `model` (a transformers model) to per-example attention on packed batches: in training steps (mode
-    "train") or in evaluation too ("on"); "off" leaves it alone. Switched only where the family's attention goes
-    through transformers' registry and a packed check batch gives the same outputs both ways; returns what
-    happened, for the log (why not, where it stays off)."""
-    if mode == "off":
-        model.__dict__.pop(BLOCK_MODE, None)
-        return "off"
-    family = family_of(model)
-    implementation = getattr(model.config, "_attn_implementation", None)
-    if implementation in blocks.IMPLEMENTATIONS and BLOCK_MODE in model.__dict__:  # switched on already
-        model.__dict__[BLOCK_MODE] = mode
-        return _switched(mode)
-    if family.boolean_mask:
-        return (f"off ({family.model_type} computes its own attention with relative positions, outside "
-                "transformers' attention registry: packed rows keep the block-diagonal mask)")
-    if implementation not in blocks.REPLACES or not blocks.register():
-        return f"off (the model's attention is {implementation!r}, not SDPA: packed rows keep the block-diagonal mask)"
-    try:
-        model.set_attn_implementation(blocks.REPLACES[implementation])
-    except (ValueError, ImportError):
-        return f"off ({family.model_type}'s attention cannot be switched at run time)"
-    if model.config._attn_implementation == blocks.REPLACES[implementation] and _block_matches_mask(model):
-        model.__dict__[BLOCK_MODE] = mode
-        return _switched(mode)
-    model.set_attn_implementation(implementation)
-    return "off (the check batch's per-example attention differed from the masked rows)"
-
-
-def _switched(mode: str) -> str:
-    return "on (training steps)" if mode == "train" else "on (training and evaluation)"
-
-
-def _block_matches_mask(model: nn.Module) -> bool:
-    """Eval-mode outputs of a packed check batch (examples of 1 to 21 tokens, 1 to 4 per row) with and without
-    the block layout, compared at every example token."""
-    lengths = [21, 9, 1, 6, 3, 1, 14, 2]
-    generator = torch.Generator().manual_seed(0)
-    high = min(model.config.vocab_size, 1000)
-    items = [(index, {"input_ids": torch.randint(5, high, (length,), generator=generator).tolist()})
-             for index, length in enumerate(lengths)]
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    batch = Collator({"input_ids": pad}, pack=True)(items)
-    device = next(model.parameters()).device
-    batch = {key: value.to(device) for key, value in batch.items()}
-    inputs = encoder_call(model, {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")})
-    layout = blocks.build_layout(batch["example_row"], batch["example_offset"], batch["example_length"],
-                                 batch["input_ids"].size(0), batch["input_ids"].size(1))
-    real = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=device)  # (rows, seq) example tokens
-    for row, offset, length in zip(*(batch[key].tolist() for key in ("example_row", "example_offset",
-                                                                        "example_length"))):
-        real[row, offset:offset + length] = True
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            masked = model(**inputs)[0]
-            blocked = model(**inputs, **{blocks.LAYOUT_ARGUMENT: layout})[0]
-        if masked.dim() >= 3 and masked.shape[:2] == real.shape:  # token outputs: compare the example tokens
-            masked, blocked = masked[real], blocked[real]
-        same = masked.shape == blocked.shape and torch.allclose(masked.float(), blocked.float(), atol=1e-5,
-                                                                rtol=1e-4)
-    except Exception:  # a forward that refuses the layout argument: keep the masked path
-        same = False
-    model.train(was_training)
-    return same
+    return layout if worthwhile(layout) else None
 
 
 # ------------------------------------------------------------------------------------------------ tokenizers

@@ -15,13 +15,13 @@ from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
 from .adversarial import build_adversary
+from .block_attention import use_block_attention
 from .config import TrainConfig
 from .cpu import apply_cpu_speedups
 from .data import Collator, FeatureDataset, LengthGroupedSampler
 from .data_stage import Data
 from .encoder import resolve_model_path, transfer_encoder
 from .errors import UsageError
-from .families import use_block_attention
 from .inference import eval_loader, packing_is_exact  # the check lives beside inference (predict packs too)
 from .lora import apply_lora
 from .losses import format_weights, label_counts, resolve_class_weights

@@ -14,11 +14,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForTokenClassification
 
 from bert_ft import block_attention as blocks
+from bert_ft import block_layout
 from bert_ft.cli import main
 from bert_ft.cpu import bulk_dropout_attention, use_bulk_dropout
 from bert_ft.data import Collator
 from bert_ft.encoder import load_tokenizer
-from bert_ft.families import encoder_call, use_block_attention
+from bert_ft.block_attention import use_block_attention
+from bert_ft.families import encoder_call
 from bert_ft.heads import encoder_inputs
 from bert_ft.inference import packing_is_exact
 from bert_ft.random_models import family_folders
@@ -56,8 +58,8 @@ def example_tokens(batch: dict) -> torch.Tensor:
     return real
 
 
-def layout_of(batch: dict, max_buckets: int = blocks.MAX_BUCKETS) -> blocks.BlockLayout:
-    return blocks.build_layout(batch["example_row"], batch["example_offset"], batch["example_length"],
+def layout_of(batch: dict, max_buckets: int = block_layout.MAX_BUCKETS) -> block_layout.BlockLayout:
+    return block_layout.build_layout(batch["example_row"], batch["example_offset"], batch["example_length"],
                                *batch["input_ids"].shape, max_buckets=max_buckets)
 
 
@@ -75,7 +77,7 @@ def test_bucket_plan_is_the_cheapest_split():
     for _ in range(200):
         lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 8))]
         most, overhead = rng.randint(1, 4), rng.choice([0, 50, 1024])
-        buckets, cost = blocks.plan_buckets(lengths, most, overhead)
+        buckets, cost = block_layout.plan_buckets(lengths, most, overhead)
         assert sorted(index for bucket in buckets for index in bucket) == list(range(len(lengths)))
         assert len(buckets) <= most and all(lengths[bucket[0]] == max(lengths[i] for i in bucket) for bucket in buckets)
         ranked = sorted(lengths, reverse=True)
@@ -90,7 +92,7 @@ def test_bucket_plan_is_the_cheapest_split():
 def test_block_attention_equals_the_masked_rows(family, folders, monkeypatch):
     """Outputs at every example token and every parameter gradient match the block-diagonal mask, in evaluation and
     in training without dropout, with the examples in 3 buckets (no per-bucket overhead: as many as allowed)."""
-    monkeypatch.setattr(blocks, "BUCKET_OVERHEAD", 0)
+    monkeypatch.setattr(block_layout, "BUCKET_OVERHEAD", 0)
     torch.manual_seed(0)
     model = AutoModelForTokenClassification.from_pretrained(folders[family], num_labels=3)
     use_bulk_dropout(model)
@@ -106,31 +108,24 @@ def test_block_attention_equals_the_masked_rows(family, folders, monkeypatch):
     assert len(layout.buckets) == 3
     calls = []
     original = blocks.block_attention
-
-    def counted(*args, **kwargs):
-        calls.append(args[3])
-        return original(*args, **kwargs)
-
-    blocks.block_attention = counted
-    try:
-        for training in (False, True):
-            model.train(training)
-            results = []
-            for extra in ({}, {blocks.LAYOUT_ARGUMENT: layout}):
-                model.zero_grad()
-                logits = model(**inputs, **extra).logits  # (rows, seq, 3)
-                assert torch.isfinite(logits).all()
-                (logits[real] ** 2).sum().backward()
-                results.append((logits[real].detach(), {name: parameter.grad.clone()
-                                                        for name, parameter in model.named_parameters()
-                                                        if parameter.grad is not None}))
-            (masked, masked_grads), (blocked, block_grads) = results
-            assert torch.allclose(masked, blocked, atol=1e-5, rtol=1e-4), (masked - blocked).abs().max()
-            assert masked_grads.keys() == block_grads.keys()
-            for name, gradient in masked_grads.items():
-                assert torch.allclose(gradient, block_grads[name], atol=1e-5, rtol=1e-4), name
-    finally:
-        blocks.block_attention = original
+    monkeypatch.setattr(blocks, "block_attention", lambda *args, **kwargs: calls.append(args[3]) or original(
+        *args, **kwargs))
+    for training in (False, True):
+        model.train(training)
+        results = []
+        for extra in ({}, {block_layout.LAYOUT_ARGUMENT: layout}):
+            model.zero_grad()
+            logits = model(**inputs, **extra).logits  # (rows, seq, 3)
+            assert torch.isfinite(logits).all()
+            (logits[real] ** 2).sum().backward()
+            results.append((logits[real].detach(), {name: parameter.grad.clone()
+                                                    for name, parameter in model.named_parameters()
+                                                    if parameter.grad is not None}))
+        (masked, masked_grads), (blocked, block_grads) = results
+        assert torch.allclose(masked, blocked, atol=1e-5, rtol=1e-4), (masked - blocked).abs().max()
+        assert masked_grads.keys() == block_grads.keys()
+        for name, gradient in masked_grads.items():
+            assert torch.allclose(gradient, block_grads[name], atol=1e-5, rtol=1e-4), name
     # one forward of each mode carried the layout: every layer of it ran per example
     assert len(calls) == 2 * model.config.num_hidden_layers and all(used is layout for used in calls)
 
@@ -145,7 +140,7 @@ def test_block_attention_under_bf16_autocast(folders):
     real = example_tokens(batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         masked = model(**inputs).logits[real].float()
-        blocked = model(**inputs, **{blocks.LAYOUT_ARGUMENT: layout_of(batch)}).logits[real].float()
+        blocked = model(**inputs, **{block_layout.LAYOUT_ARGUMENT: layout_of(batch)}).logits[real].float()
     assert (masked - blocked).abs().max() <= 0.02 * masked.abs().max()
 
 
@@ -199,7 +194,7 @@ def test_block_attention_does_fewer_flops():
     batch = packed_batch(0, lengths)
     rows, width = batch["input_ids"].shape
     layout = layout_of(batch)
-    assert blocks.worthwhile(layout)
+    assert block_layout.worthwhile(layout)
     heads, head_dim = 12, 32
     query, key, value = (torch.randn(rows, heads, width, head_dim) for _ in range(3))
 
@@ -227,7 +222,7 @@ def test_deberta_keeps_the_masked_path(folders):
     said = use_block_attention(model, "train")
     assert said.startswith("off (deberta-v2") and model.config._attn_implementation == before
     batch = packed_batch(0)
-    assert blocks.LAYOUT_ARGUMENT not in encoder_inputs(batch, model.train())
+    assert block_layout.LAYOUT_ARGUMENT not in encoder_inputs(batch, model.train())
 
 
 def test_layout_rides_only_on_packed_batches_in_the_chosen_mode(folders):
@@ -237,19 +232,19 @@ def test_layout_rides_only_on_packed_batches_in_the_chosen_mode(folders):
     batch = packed_batch(0, [rng.randint(2, 40) for _ in range(32)])
     padded = Collator({"input_ids": 0})([(0, {"input_ids": [5, 6, 7]}), (1, {"input_ids": [8]})])
     model = AutoModelForTokenClassification.from_pretrained(folders["bert"], num_labels=3)
-    assert blocks.LAYOUT_ARGUMENT not in encoder_inputs(batch, model.train())
+    assert block_layout.LAYOUT_ARGUMENT not in encoder_inputs(batch, model.train())
     use_block_attention(model, "train")
-    assert blocks.LAYOUT_ARGUMENT in encoder_inputs(batch, model.train())
-    assert blocks.LAYOUT_ARGUMENT not in encoder_inputs(batch, model.eval())
-    assert blocks.LAYOUT_ARGUMENT not in encoder_inputs(padded, model.train())
+    assert block_layout.LAYOUT_ARGUMENT in encoder_inputs(batch, model.train())
+    assert block_layout.LAYOUT_ARGUMENT not in encoder_inputs(batch, model.eval())
+    assert block_layout.LAYOUT_ARGUMENT not in encoder_inputs(padded, model.train())
     use_block_attention(model, "on")
-    assert blocks.LAYOUT_ARGUMENT in encoder_inputs(batch, model.eval())
+    assert block_layout.LAYOUT_ARGUMENT in encoder_inputs(batch, model.eval())
 
 
 def test_packing_is_exact_with_block_attention_on(tiny_model_dir, monkeypatch):
     """The start-up exactness check (padded vs packed NER head, evaluation) passes through the block path (its six
     short examples pay for buckets once the per-bucket overhead is 0)."""
-    monkeypatch.setattr(blocks, "BUCKET_OVERHEAD", 0)
+    monkeypatch.setattr(block_layout, "BUCKET_OVERHEAD", 0)
     tokenizer = load_tokenizer(tiny_model_dir)
     task = NerTask(NerTask.options_type())
     words = "the river bank near Paris was flooded after heavy rain in early spring".split()
@@ -261,15 +256,13 @@ def test_packing_is_exact_with_block_attention_on(tiny_model_dir, monkeypatch):
     assert use_block_attention(head.model, "on") == "on (training and evaluation)"
     calls = []
     original = blocks.block_attention
-    blocks.block_attention = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
-    try:
-        assert packing_is_exact(head, features, task.pad_values(tokenizer))
-    finally:
-        blocks.block_attention = original
+    monkeypatch.setattr(blocks, "block_attention", lambda *args, **kwargs: calls.append(1) or original(*args,
+                                                                                                        **kwargs))
+    assert packing_is_exact(head, features, task.pad_values(tokenizer))
     assert calls, "the packed half of the check ran through the block path"
 
 
-def test_training_uses_blocks_with_dropout_in_steps_only(tiny_model_dir, tmp_path):
+def test_training_uses_blocks_with_dropout_in_steps_only(tiny_model_dir, tmp_path, monkeypatch):
     """A run with --block_attention train: every training step's attention (dropout 0.1) runs per example; no
     evaluation does; the run ends cleanly and its saved model loads with stock attention."""
     calls = []
@@ -279,13 +272,10 @@ def test_training_uses_blocks_with_dropout_in_steps_only(tiny_model_dir, tmp_pat
         calls.append(dropout)
         return original(query, key, value, layout, dropout, *args, **kwargs)
 
-    blocks.block_attention = counted
-    try:
-        assert main(["ner", "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "run"),
-                     "--max_train_samples", "64", "--max_eval_samples", "16", "--num_train_epochs", "1",
-                     "--per_device_train_batch_size", "32", "--block_attention", "train", "--report_to", "none"]) == 0
-    finally:
-        blocks.block_attention = original
+    monkeypatch.setattr(blocks, "block_attention", counted)
+    assert main(["ner", "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "run"),
+                 "--max_train_samples", "64", "--max_eval_samples", "16", "--num_train_epochs", "1",
+                 "--per_device_train_batch_size", "32", "--block_attention", "train", "--report_to", "none"]) == 0
     # the start-up check of the switch ran 2 layers without dropout; every other call was a training step's
     assert calls.count(0.0) == 2 and len(calls) > 2, calls
     assert all(dropout == pytest.approx(0.1) for dropout in calls if dropout), calls
