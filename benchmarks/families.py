@@ -3,6 +3,7 @@ randomly initialised models (12 layers, hidden 768, 12 heads) of every family, C
 
     python benchmarks/families.py --max_train_samples 256 --repeats 1
     python benchmarks/families.py --families roberta deberta-v3 --precision bf16      # e.g. on a GPU
+    python benchmarks/families.py --precision bf16 --repeats 3 --with_block           # + blocked column
 
 Throughput does not depend on the weights (the same matrix products run whatever their values), so random weights
 measure what pretrained ones would; the tokenizers are real ones of each family (bert_ft.random_models), trained
@@ -13,6 +14,7 @@ process (its peak memory is its own): the same slice, batch size, learning rate,
            add_prefix_space as run_ner.py gives RoBERTa)
   padded   bert-ft with length-grouped padded batches (--packing false)
   packed   bert-ft's default: several examples per row (--packing true; its start-up check must keep it on)
+  blocked  packed, attention per example (--block_attention train); only with --with_block
 With --repeats > 1 the sides alternate (recipe, padded, packed, recipe, ...) so that a change of load on a shared
 machine falls on all of them; the table shows the median. Runs on CUDA unchanged (`--precision bf16` there; SDPA
 attention is transformers' default for every family that has it).
@@ -32,6 +34,7 @@ sys.path.insert(0, ROOT)
 from speed import run_speed  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
 
 SIDES = {"recipe": "recipe", "padded": "grouped", "packed": "packed"}  # this table's name -> speed.py's side
+BLOCK_SIDES = {**SIDES, "blocked": "blocked"}  # with --with_block
 
 DEFAULT_FAMILIES = ("bert", "roberta", "xlm-roberta", "deberta-v3", "electra", "distilbert", "albert", "modernbert")
 
@@ -40,7 +43,7 @@ def run_side(folder: str, side: str, args, seed: int) -> dict:
     return run_speed(["ner", "--model_name_or_path", folder, "--max_train_samples", str(args.max_train_samples),
                       "--max_eval_samples", str(args.max_eval_samples), "--batch_size", str(args.batch_size),
                       "--eval_batch_size", str(args.batch_size), "--max_seq_length", str(args.max_seq_length),
-                      "--side", SIDES[side], "--seed", str(seed), "--mixed_precision", args.precision],
+                      "--side", BLOCK_SIDES[side], "--seed", str(seed), "--mixed_precision", args.precision],
                      f"{side} run on {folder}")
 
 
@@ -57,7 +60,10 @@ def main() -> None:
                         help="base: 12 layers, hidden 768; small: 4 layers, hidden 256 (for a loaded machine)")
     parser.add_argument("--models_dir", help="keep the built models here (default: a temporary folder, removed)")
     parser.add_argument("--output", help="also write every run's numbers as JSON")
+    parser.add_argument("--with_block", action="store_true",
+                        help="also run the blocked side (packed + --block_attention train) and its columns")
     args = parser.parse_args()
+    side_names = BLOCK_SIDES if args.with_block else SIDES
 
     import torch
 
@@ -70,9 +76,9 @@ def main() -> None:
             folder = os.path.join(root, f"{family}-{args.size}")
             if not os.path.isfile(os.path.join(folder, "config.json")):
                 build_family(family, folder, size=args.size)
-            results[family] = {side: [] for side in SIDES}
+            results[family] = {side: [] for side in side_names}
             for repeat in range(args.repeats):
-                for side in SIDES:
+                for side in side_names:
                     results[family][side].append(run_side(folder, side, args, 42))
             median = {side: statistics.median(run["train_samples_per_second"] for run in runs)
                       for side, runs in results[family].items()}
@@ -90,18 +96,23 @@ def main() -> None:
           f"{args.size} random weights, {machine}; median of {args.repeats} alternating run(s) per side")
     header = ("family", "packed/s", "padded/s", "recipe/s", "packed/padded", "packed/recipe", "pad packed",
               "pad padded", "MB packed", "MB padded", "MB recipe")
+    if args.with_block:
+        header += ("blocked/s", "blocked/packed", "blocked/padded", "MB blocked")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for family, sides in results.items():
         def value(side: str, key: str) -> float:
             return statistics.median(run[key] for run in sides[side])
 
-        speed = {side: value(side, "train_samples_per_second") for side in SIDES}
+        speed = {side: value(side, "train_samples_per_second") for side in side_names}
         row = [family, f"{speed['packed']:.2f}", f"{speed['padded']:.2f}", f"{speed['recipe']:.2f}",
                f"{speed['packed'] / speed['padded']:.2f}x", f"{speed['packed'] / speed['recipe']:.2f}x",
                f"{value('packed', 'padding_ratio'):.2f}", f"{value('padded', 'padding_ratio'):.2f}",
                f"{value('packed', 'peak_memory_mb'):.0f}", f"{value('padded', 'peak_memory_mb'):.0f}",
                f"{value('recipe', 'peak_memory_mb'):.0f}"]
+        if args.with_block:
+            row += [f"{speed['blocked']:.2f}", f"{speed['blocked'] / speed['packed']:.2f}x",
+                    f"{speed['blocked'] / speed['padded']:.2f}x", f"{value('blocked', 'peak_memory_mb'):.0f}"]
         print("| " + " | ".join(row) + " |")
     if args.output:
         from bert_ft.io import atomic_write_json

@@ -9,22 +9,28 @@ batched products, and put back. The design points:
 
 How the attention function learns the layout. transformers (5.x) passes every extra keyword argument of a model's
   forward down to the attention function of each layer, on every family whose attention goes through its registry.
-  `bert_ft.families.encoder_call` adds one, `bert_ft_blocks`: a `bert_ft.block_layout.BlockLayout` built from the batch's example_row/offset/length (the batch contract, `bert_ft.heads`), once per forward and shared by every layer. It
-  lives only in that call's arguments, so nothing leaks into the next call (another batch, another model, eval);
-  it is added only to packed batches of a model that `use_block_attention` switched on (a training
+  `bert_ft.families.encoder_call` adds one, `bert_ft_blocks`: a `bert_ft.block_layout.BlockLayout` built from the
+  batch's example_row/offset/length (the batch contract, `bert_ft.heads`), once per forward and shared by every
+  layer. It lives only in that call's arguments, so nothing leaks into the next call (another batch, another
+  model, eval); it is added only to packed batches of a model that `use_block_attention` switched on (a training
   run's own model: predict, export and a reloaded folder never are), never while exporting or compiling, and in
   evaluation only with `--block_attention on`. Without it (padded batches, evaluation under `train`, the [CLS]-only
   top layer, the start-up `packing_is_exact` check) the registered function is exactly the masked path it replaced
-  (`bulk_dropout_attention`, or SDPA with --bulk_dropout false).
-How examples of different lengths share a matrix product. They are sorted by length and split into at most
-  `bert_ft.block_layout.MAX_BUCKETS` buckets of consecutive lengths; a bucket is padded to its longest member and computed as one
+  (`bulk_dropout_attention`, or SDPA with --bulk_dropout false). Not chosen: a context variable set around the
+  encoder call (every head, plugin heads included, would have to set and reset it, and a forgotten reset leaks
+  into the next call) and reading the layout back from the mask in every layer (a host sync and a scan of
+  rows x width^2 per layer).
+How examples of different lengths share a matrix product (the plan: `bert_ft.block_layout`, importable without
+  this module's training-time dependencies). They are sorted by length and split into at most `MAX_BUCKETS` (6)
+  buckets of consecutive lengths; a bucket is padded to its longest member and computed as one
   (examples, heads, width, width) product (shorter members' extra keys get finfo.min, like the masked path). The
-  split minimises sum over buckets of examples x width^2 + BUCKET_OVERHEAD per bucket (an exact dynamic programme
+  split minimises sum over buckets of examples x width^2 + `BUCKET_OVERHEAD` per bucket (an exact dynamic programme
   over the sorted lengths); a batch whose best split costs no less than its rows x width^2 keeps the masked path.
   Gathering and scattering are one index_select each (q, k and v in, the output back; padding slots read a zero row
-  and stay zero: nothing reads them, heads read examples through example_row/offset/length). Nested tensors were
-  not used: torch's CPU SDPA runs them through a per-example loop, and the training path needs the explicit soft-max
-  for the bulk dropout masks anyway.
+  and stay zero: nothing reads them, heads read examples through example_row/offset/length). Not chosen: jagged
+  nested tensors. torch 2.13 runs SDPA on them on CPU, but SDPA draws its dropout with bernoulli_ (not the bulk
+  masks), and the explicit soft-max the bulk masks need starts with a product of two ragged dimensions
+  (Q K^T), which their matmul refuses (checked).
 Which families. Those whose attention goes through transformers' attention registry with an additive mask: BERT,
   RoBERTa, XLM-R, ELECTRA, DistilBERT, ALBERT, ModernBERT (its global layers: whole blocks; its sliding-window local
   layers, which announce themselves with the `sliding_window` argument: the band |i - j| <= config.sliding_window
@@ -139,7 +145,8 @@ def register() -> bool:
 
 def use_block_attention(model: nn.Module, mode: str) -> str:
     """Switch `model` (a transformers model) to per-example attention on packed batches: in training steps (mode
-    "train") or in evaluation too ("on"); "off" leaves it alone. Switched only where the family's attention goes
+    "train") or in evaluation too ("on"); "off" switches it off again (the registered function is then exactly
+    the masked path it replaced). Switched on only where the family's attention goes
     through transformers' registry and a packed check batch gives the same outputs both ways; returns what
     happened, for the log (why not, where it stays off)."""
     if mode == "off":
@@ -184,7 +191,7 @@ def _block_matches_mask(model: nn.Module) -> bool:
     batch = {key: value.to(device) for key, value in batch.items()}
     inputs = encoder_call(model, {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")})
     layout = build_layout(batch["example_row"], batch["example_offset"], batch["example_length"],
-                                 batch["input_ids"].size(0), batch["input_ids"].size(1))
+                          batch["input_ids"].size(0), batch["input_ids"].size(1))
     real = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=device)  # (rows, seq) example tokens
     for row, offset, length in zip(*(batch[key].tolist() for key in ("example_row", "example_offset",
                                                                         "example_length"))):
