@@ -161,6 +161,8 @@ def test_dropout_is_drawn_only_inside_examples():
     dropped = blocks.block_attention(query, key, value, layout, p, 0.5)  # (rows, q, heads, k)
     torch.manual_seed(3)
     assert torch.equal(dropped, blocks.block_attention(query, key, value, layout, p, 0.5)), "seeded masks"
+    torch.manual_seed(4)
+    assert not torch.equal(dropped, blocks.block_attention(query, key, value, layout, p, 0.5)), "another seed"
     kept = blocks.block_attention(query, key, value, layout, 0.0, 0.5)  # no dropout: the probabilities
     for head in range(2):
         probabilities, after = kept[:, :, head], dropped[:, :, head]  # (rows, q, k)
