@@ -134,7 +134,7 @@ def _block_layout(model: nn.Module, mask: torch.Tensor, examples: dict | None) -
             or torch.onnx.is_in_onnx_export()):
         return None
     layout = build_layout(examples["example_row"], examples["example_offset"], examples["example_length"],
-                                 mask.size(0), mask.size(-1))
+                          mask.size(0), mask.size(-1))
     return layout if worthwhile(layout) else None
 
 
