@@ -3,6 +3,7 @@ randomly initialised models (12 layers, hidden 768, 12 heads) of every family, C
 
     python benchmarks/families.py --max_train_samples 256 --repeats 1
     python benchmarks/families.py --families roberta deberta-v3 --precision bf16      # e.g. on a GPU
+    python benchmarks/families.py --sides packed blocked padded --repeats 3         # block attention's gain
 
 Throughput does not depend on the weights (the same matrix products run whatever their values), so random weights
 measure what pretrained ones would; the tokenizers are real ones of each family (bert_ft.random_models), trained
@@ -16,7 +17,8 @@ process (its peak memory is its own): the same slice, batch size, learning rate,
   grouped  bert-ft with length-grouped padded batches (--packing false --mega_batch_factor 50: less padding than
            random batches, at a possible cost in score)
   packed   bert-ft's default: several examples per row (--packing true; its start-up check must keep it on)
-`--sides` picks which run (default: all four); the table shows every ratio whose two sides ran.
+  blocked  packed, attention computed per example (--block_attention train)
+`--sides` picks which run (default: all but blocked); the table shows every ratio whose two sides ran.
 With --repeats > 1 the sides alternate (recipe, padded, packed, recipe, ...) so that a change of load on a shared
 machine falls on all of them; the table shows the median. Runs on CUDA unchanged (`--precision bf16` there; SDPA
 attention is transformers' default for every family that has it).
@@ -35,7 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from speed import run_speed  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
 
-SIDES = {"recipe": "recipe", "padded": "random", "grouped": "grouped", "packed": "packed"}  # name -> speed.py side
+SIDES = {"recipe": "recipe", "padded": "random", "grouped": "grouped", "packed": "packed",
+         "blocked": "blocked"}  # this table's name -> speed.py's side
 
 DEFAULT_FAMILIES = ("bert", "roberta", "xlm-roberta", "deberta-v3", "electra", "distilbert", "albert", "modernbert")
 
@@ -57,7 +60,7 @@ def main() -> None:
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"), help="no = fp32")
     parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating sides")
-    parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
+    parser.add_argument("--sides", nargs="+", default=["recipe", "padded", "grouped", "packed"], choices=list(SIDES))
     parser.add_argument("--size", default="base", choices=("base", "small", "tiny"),
                         help="base: 12 layers, hidden 768; small: 4 layers, hidden 256 (for a loaded machine)")
     parser.add_argument("--models_dir", help="keep the built models here (default: a temporary folder, removed)")
@@ -93,7 +96,8 @@ def main() -> None:
     print(f"\nCoNLL-2003 NER, {args.max_train_samples} training sentences, 1 epoch, batch {args.batch_size}, "
           f"max_seq_length {args.max_seq_length}, {'fp32' if args.precision == 'no' else args.precision}, "
           f"{args.size} random weights, {machine}; median of {args.repeats} alternating run(s) per side")
-    ratios = [(ours, theirs) for ours, theirs in (("packed", "padded"), ("packed", "grouped"), ("packed", "recipe"))
+    ratios = [(ours, theirs) for ours, theirs in (("packed", "padded"), ("packed", "grouped"), ("packed", "recipe"),
+                                                    ("blocked", "padded"), ("blocked", "packed"))
               if ours in args.sides and theirs in args.sides]
     header = ("family", *(f"{side}/s" for side in args.sides), *(f"{ours}/{theirs}" for ours, theirs in ratios),
               *(f"pad {side}" for side in args.sides if side != "recipe"), *(f"MB {side}" for side in args.sides))

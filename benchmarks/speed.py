@@ -20,7 +20,8 @@ Sides, each in every precision of `--precisions` (default: fp32 "no" and bf16):
            random sampler, one learning rate (bf16 through TrainingArguments(bf16=True));
   random   bert-ft with random padded batches (--packing false --mega_batch_factor 1): the recipe's composition;
   grouped  bert-ft with length-grouped padded batches (--packing false --mega_batch_factor 50);
-  packed   bert-ft's default: random batches packed several examples per row (--packing true).
+  packed   bert-ft's default: random batches packed several examples per row (--packing true);
+  blocked  packed, with per-example attention (--block_attention train; not in the default --sides).
 All get the same model, data slice, batch size, learning rate, warmup, weight decay, epochs and seed, and each run
 is its own subprocess (one at a time) so that peak memory (RSS; GPU memory on a GPU) is its own. Printed per
 precision: train samples/s, real (non-pad) tokens/s, padding ratio (1 - real tokens / token slots computed), peak
@@ -85,7 +86,8 @@ def peak_memory_mb() -> float:
 
 BERT_FT_SIDES = {"random": ["--packing", "false", "--mega_batch_factor", "1"],
                  "grouped": ["--packing", "false", "--mega_batch_factor", "50"],
-                 "packed": ["--packing", "true"]}
+                 "packed": ["--packing", "true"],
+                 "blocked": ["--packing", "true", "--block_attention", "train"]}
 
 
 def run_bert_ft(args) -> dict:
@@ -387,7 +389,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=("no", "fp16", "bf16"),
                         help="run every side in each of these precisions (no = fp32)")
     parser.add_argument("--sides", nargs="+", default=["recipe", "random", "grouped", "packed"],
-                        choices=("recipe", "random", "grouped", "packed"))
+                        choices=("recipe", "random", "grouped", "packed", "blocked"))
     parser.add_argument("--only", nargs="+", metavar="SIDE/PRECISION",
                         help="run only these (side, precision) pairs, e.g. recipe/no packed/bf16")
     parser.add_argument("--peak_tflops", type=float, help="peak FLOP/s of the device in TFLOPS, for MFU (GPUs "

@@ -4,13 +4,15 @@
     python benchmarks/step_time.py ner --precision bf16 --layouts packlong --flags "--bulk_dropout false"
     python benchmarks/step_time.py sentence --precision bf16 --layouts packlong --keep_freed_memory --profile packlong
     python benchmarks/step_time.py ner --layouts packlong --keep_freed_memory --profile_table packlong   # by category
+    python benchmarks/step_time.py ner --precision bf16 --layouts packlong packlong+block --rounds 5
 
 The model, optimiser and data come from bert-ft's own training stages (prepare_data, build_training) with batch 32
 over the first 2000 training examples; the same `--steps` random batches are laid out as `padded` (one example per
 row), `packlong` (packed rows as wide as the batch's longest example: the default) or `packN` (packed rows of at
 least N tokens), and timed through `train_step` after 2 warm-up steps, each layout `--rounds` times interleaved.
 Prints ms per step (median over rounds), page faults per step, and with `--profile LAYOUT` torch's profile of that
-layout's last round. `--keep_freed_memory` keeps the allocator setting a training run applies (build_training applies it; without the
+layout's last round. A layout ending in `+block` runs the same packed rows with per-example attention
+(--block_attention train, bert_ft.block_attention); the others keep the block-diagonal mask. `--keep_freed_memory` keeps the allocator setting a training run applies (build_training applies it; without the
 flag this script turns it off).
 """
 
@@ -49,6 +51,7 @@ def main() -> None:
 
     import torch
 
+    from bert_ft.block_attention import use_block_attention
     from bert_ft.cli import parse
     from bert_ft.data import Collator
     from bert_ft.data_stage import prepare_data
@@ -72,7 +75,12 @@ def main() -> None:
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(0)).tolist()
     batches = [order[start:start + args.batch_size] for start in range(0, args.steps * args.batch_size, args.batch_size)]
 
+    encoder = training.network.model  # the transformers model whose attention --block_attention switches
+    if any(layout.endswith("+block") for layout in args.layouts):
+        print(f"block attention: {use_block_attention(encoder, 'train')}")
+
     def collator(layout: str) -> Collator:
+        layout = layout.removesuffix("+block")
         if layout == "padded":
             return Collator(pad_values)
         return Collator(pad_values, pack=True, row_capacity=0 if layout == "packlong" else int(layout[len("pack"):]))
@@ -86,6 +94,8 @@ def main() -> None:
     for round_number in range(args.rounds):
         for layout in args.layouts:
             laid = [collator(layout)([(index, features.inputs[index]) for index in batch]) for batch in batches]
+            if any(name.endswith("+block") for name in args.layouts):  # per-example attention for this layout only
+                use_block_attention(encoder, "train" if layout.endswith("+block") else "off")
             for batch in laid:
                 batch.pop("feature_index")
             slots = sum(batch["input_ids"].numel() for batch in laid) / len(laid)
@@ -107,11 +117,11 @@ def main() -> None:
             milliseconds = (time.perf_counter() - start) / (len(laid) - 2) * 1000
             faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (len(laid) - 2)
             timings[layout].append(milliseconds)
-            print(f"round {round_number} {layout:<9} {milliseconds:7.1f} ms/step, {faults:7.0f} page faults/step, "
+            print(f"round {round_number} {layout:<15} {milliseconds:7.1f} ms/step, {faults:7.0f} page faults/step, "
                   f"{slots:5.0f} token slots/step", flush=True)
     for layout, values in timings.items():
         median = statistics.median(values)
-        print(f"{layout:<9} median {median:7.1f} ms/step = {args.batch_size * 1000 / median:6.1f} samples/s")
+        print(f"{layout:<15} median {median:7.1f} ms/step = {args.batch_size * 1000 / median:6.1f} samples/s")
 
 
 # Where a step's time goes: torch operators grouped by what they do (first matching pattern wins; self time, so no

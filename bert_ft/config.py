@@ -63,6 +63,10 @@ class TrainConfig:
                          "off: one example per row, padded)")
     bulk_dropout: bool = flag(True, "CPU training: draw dropout masks in bulk (same keep probability to 1/65536, "
                               "about 3x faster than torch's per-element draws; false: torch's dropout)")
+    block_attention: str = flag("off", "packed rows: each example attends over its own tokens only (cost: sum of "
+                                "its length^2, not rows x width^2; attention dropout drawn inside examples); train: "
+                                "in training steps, on: in evaluation too, off: the block-diagonal mask "
+                                "(docs/training.md)", choices=("off", "train", "on"))
     mega_batch_factor: int = flag(1, "with --packing false: sort by length inside shuffled groups of N batches, "
                                   "less padding but can score lower (1 = random batches)")
     learning_rate: float = flag(1e-4, "peak learning rate of the top encoder layer (1e-4 suits small encoders)")

@@ -13,6 +13,9 @@ turns that into what a given transformers encoder needs:
   ModernBERT          alternating global and local (sliding-window) layers with rotary positions: a 4-D mask would
                       be used as-is by both kinds of layer, so both masks are given (the block mask, and the block
                       mask cut to |i - j| <= sliding_window, the band its local layers see)
+  block attention     with --block_attention (bert_ft.block_attention.use_block_attention) a packed batch's
+                      layout rides along as one more keyword argument, which the model passes down to its
+                      attention function: every family but DeBERTa, whose attention is its own
 `encoder_layers` finds the stack of per-depth layers that layer-wise lr decay and --freeze_layers address, and
 `model_init_kwargs` keeps only the keyword arguments a family's model class takes (`add_pooling_layer`).
 """
@@ -28,6 +31,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
+from .block_layout import BLOCK_MODE, LAYOUT_ARGUMENT, BlockLayout, build_layout, worthwhile
 from .checks import PADDING_OFFSET_MODEL_TYPES
 from .errors import UsageError
 
@@ -92,9 +96,11 @@ def _token_mask_for_embeddings(module: nn.Module, args: tuple, kwargs: dict):
     return None
 
 
-def encoder_call(model: nn.Module, inputs: dict) -> dict:
+def encoder_call(model: nn.Module, inputs: dict, examples: dict | None = None) -> dict:
     """The encoder inputs of the batch contract (input_ids, attention_mask, token_type_ids, position_ids) as
-    `model`'s family takes them (see the module's docstring). Padded batches pass unchanged but for token types."""
+    `model`'s family takes them (see the module's docstring). Padded batches pass unchanged but for token types.
+    `examples` (the batch's example_row/offset/length) lets a packed batch carry its block layout where block
+    attention is on for `model` (`bert_ft.block_attention.use_block_attention`)."""
     family = family_of(model)
     inputs = dict(inputs)
     if not family.token_types:
@@ -102,6 +108,9 @@ def encoder_call(model: nn.Module, inputs: dict) -> dict:
     mask = inputs.get("attention_mask")
     if "position_ids" not in inputs or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         return inputs  # padded: the model's own position ids and mask handling
+    layout = _block_layout(model, mask, examples)
+    if layout is not None:
+        inputs[LAYOUT_ARGUMENT] = layout
     if family.position_offset:
         inputs["position_ids"] = inputs["position_ids"] + family.position_offset
     if family.boolean_mask:
@@ -113,6 +122,20 @@ def encoder_call(model: nn.Module, inputs: dict) -> dict:
         local = mask.masked_fill(outside, torch.finfo(mask.dtype).min)  # (rows, 1, seq, seq)
         inputs["attention_mask"] = {"full_attention": mask, "sliding_attention": local}
     return inputs
+
+
+# ------------------------------------------------------------------------------------------ block attention
+
+def _block_layout(model: nn.Module, mask: torch.Tensor, examples: dict | None) -> BlockLayout | None:
+    """The layout of a packed batch when block attention is on for `model` in its current mode and pays."""
+    mode = model.__dict__.get(BLOCK_MODE)
+    if (examples is None or mode is None or (mode == "train" and not model.training)
+            or torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export()):
+        return None
+    layout = build_layout(examples["example_row"], examples["example_offset"], examples["example_length"],
+                          mask.size(0), mask.size(-1))
+    return layout if worthwhile(layout) else None
 
 
 # ------------------------------------------------------------------------------------------------ tokenizers

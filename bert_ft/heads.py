@@ -47,6 +47,7 @@ from .verbosity import main_print
 HEAD_WEIGHTS = "bert_ft_head.safetensors"
 META_FILE = "bert_ft.json"  # bert-ft's own record in a model folder (task, labels, options, temperature)
 ENCODER_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+EXAMPLE_KEYS = ("example_row", "example_offset", "example_length")
 
 
 def label_maps(labels: list[str]) -> dict:
@@ -58,9 +59,12 @@ def encoder_inputs(batch: dict, model: nn.Module | None = None) -> dict:
     """Only the keys a transformers encoder accepts (the batch also carries per-example task fields); given the
     `model` they are fed to, in the form its family takes (`bert_ft.families.encoder_call`: token type ids only where
     it has them, RoBERTa's offset positions, DeBERTa's 0/1 masks, ModernBERT's local-attention band), which packed
-    batches need on every family but BERT's."""
+    batches need on every family but BERT's, and a packed batch's block layout where block attention is on."""
     inputs = {key: batch[key] for key in ENCODER_KEYS if key in batch}
-    return inputs if model is None else encoder_call(model, inputs)
+    if model is None:
+        return inputs
+    examples = {key: batch[key] for key in EXAMPLE_KEYS} if all(key in batch for key in EXAMPLE_KEYS) else None
+    return encoder_call(model, inputs, examples)
 
 
 def is_packed(batch: dict) -> bool:

@@ -159,8 +159,8 @@ def train_epoch(epoch: int, training: Training, state: TrainerState, config: Tra
     trained = epoch_batches[:state.batches_in_epoch * accelerator.num_processes]
     real, slots = padding_stats(lengths, trained, training.collator)
     state.trained_samples += sum(len(batch) for batch in trained)
-    state.real_tokens += real
-    state.padded_tokens += slots
+    state.real_tokens += int(real)  # numpy ints would be saved as strings in trainer_state.json
+    state.padded_tokens += int(slots)
     flop_model = known_flops(training.network.config)
     model = training.network.model
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA: peft's wrapper

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
 from .adversarial import build_adversary
+from .block_attention import use_block_attention
 from .config import TrainConfig
 from .cpu import apply_cpu_speedups
 from .data import Collator, FeatureDataset, LengthGroupedSampler
@@ -118,6 +119,14 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
         packing = "off (packed rows did not reproduce padded ones for this architecture; padding instead)"
     else:
         packing = "on"
+    if config.block_attention != "off":  # per-example attention on packed rows (bert_ft.block_attention)
+        if packing != "on":
+            switched = "off (padded batches hold one example per row)"
+        elif config.torch_compile:
+            switched = "off (--torch_compile: the layout is planned in Python every step)"
+        else:
+            switched = use_block_attention(model.model, config.block_attention)
+        log(f"block attention: {switched}")
     collator = Collator(pad_values, pack=packing == "on", pad_to_multiple_of=pad_multiple)
     described = "packed: random batches, several examples per row" if packing == "on" else f"padded; packing {packing}"
     log(f"batches: {described}; training precision: {precision_name(accelerator)}")

@@ -145,6 +145,19 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     assert len(checkpoints) == 2, "--save_total_limit 2 keeps the last two"
 
 
+def test_checkpoint_after_the_first_epoch_keeps_token_counts_numeric(tiny_model_dir, tmp_path):
+    """The padding statistics of finished epochs are saved as numbers (numpy ints used to be written as strings,
+    and resuming from such a checkpoint failed at the end of its epoch: str += int)."""
+    output = tmp_path / "run"
+    assert main(["ner", "--model_name_or_path", tiny_model_dir, "--output_dir", str(output), "--num_train_epochs",
+                 "2", "--max_train_samples", "32", "--max_eval_samples", "8", "--per_device_train_batch_size", "16",
+                 "--save_steps", "3", "--report_to", "none"]) == 0
+    with open(output / "checkpoint-3" / "trainer_state.json", encoding="utf-8") as handle:
+        state = json.load(handle)
+    assert state["epoch"] == 1 and isinstance(state["real_tokens"], int) and state["real_tokens"] > 0
+    assert isinstance(state["padded_tokens"], int) and state["padded_tokens"] >= state["real_tokens"]
+
+
 # ------------------------------------------------------------------------------------------------ two processes
 
 def refit_temperature(run_dir: str, validation_file: str, count: int, batch_size: int) -> dict:
