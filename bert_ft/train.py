@@ -155,8 +155,16 @@ def train_epoch(epoch: int, training: Training, state: TrainerState, config: Tra
     if (step := monitor.diverged_at()) is not None:
         stop_diverged(step, epoch, config)
     state.train_seconds += time.perf_counter() - start
-    # Padding statistics over the batches this epoch trained on (all of them unless --max_steps cut it short).
+    # Padding statistics and model FLOPs over the batches this epoch trained on (all unless --max_steps cut it).
     trained = epoch_batches[:state.batches_in_epoch * accelerator.num_processes]
+    count_trained(training, state, config, lengths, trained)
+    monitor.fold()
+
+
+def count_trained(training: Training, state: TrainerState, config: TrainConfig, lengths: list[int],
+                  trained: list[list[int]]) -> None:
+    """Add an epoch's trained batches (feature indices) to the state's samples, real and padded tokens and model
+    FLOPs (bert_ft.flops; None for an architecture without BERT's size fields: null in metrics.json)."""
     real, slots = padding_stats(lengths, trained, training.collator)
     state.trained_samples += sum(len(batch) for batch in trained)
     state.real_tokens += int(real)  # numpy ints would be saved as strings in trainer_state.json
@@ -166,12 +174,11 @@ def train_epoch(epoch: int, training: Training, state: TrainerState, config: Tra
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA: peft's wrapper
     if flop_model is not None and reads_first_token_only(model):  # a sentence head's [CLS]-only top layer
         flop_model = first_token_top_layer(flop_model, training.network.config)
-    if flop_model is None:  # an architecture without BERT's size fields: no FLOP figures (null in metrics.json)
+    if flop_model is None:
         state.train_flops = None
     elif state.train_flops is not None:
         state.train_flops += batches_training_flops(flop_model, lengths, trained,
                                                     passes_per_step(config.adversarial, config.adv_steps))
-    monitor.fold()
 
 
 def train_step(accelerator: Accelerator, model: torch.nn.Module, batch: dict, optimizer, scheduler, adversary,
