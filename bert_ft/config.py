@@ -63,6 +63,10 @@ class TrainConfig:
                          "off: one example per row, padded)")
     bulk_dropout: bool = flag(True, "CPU training: draw dropout masks in bulk (same keep probability to 1/65536, "
                               "about 3x faster than torch's per-element draws; false: torch's dropout)")
+    sparse_embedding_updates: bool = flag(True, "update only the word-embedding rows a step touches (sparse "
+                                          "gradient, AdamW's skipped steps caught up in closed form: the dense "
+                                          "result to 1e-5; off by itself with LoRA, frozen embeddings, several "
+                                          "processes or --torch_compile; false: dense AdamW over the vocabulary)")
     mega_batch_factor: int = flag(1, "with --packing false: sort by length inside shuffled groups of N batches, "
                                   "less padding but can score lower (1 = random batches)")
     learning_rate: float = flag(1e-4, "peak learning rate of the top encoder layer (1e-4 suits small encoders)")
