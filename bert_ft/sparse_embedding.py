@@ -198,13 +198,30 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def materialize(self) -> None:
         """Bring every row up to the last step (the weights then equal dense AdamW's)."""
-        if self.steps and self.state[self.sparse_weight]:
-            self._catch_up(torch.arange(self.sparse_weight.shape[0]), self.steps)
+        state, through, weight = self.state[self.sparse_weight], self.steps, self.sparse_weight
+        if not (through and state):
+            return
+        # Whole-matrix passes (no row gathers): rows never touched only decay, the others take the catch-up.
+        behind = self.row_step < through  # (vocab,)
+        moving = behind & ((state["exp_avg"] != 0).any(1) | (state["exp_avg_sq"] != 0).any(1))
+        still = behind & ~moving
+        decay = torch.exp(self.log_decay[through] - self.log_decay[self.row_step])  # (vocab,)
+        weight.data.mul_(torch.where(still, decay, torch.ones_like(decay)).to(weight.dtype)[:, None])
+        self.row_step[still] = through
+        self._catch_up(moving.nonzero()[:, 0], through)
 
     @torch.no_grad()
     def _catch_up(self, rows: torch.Tensor, through: int) -> None:
         """Apply steps row_step+1 .. `through` with a zero gradient to `rows` (n,), in closed form."""
         rows = rows[self.row_step[rows] < through]
+        state = self.state[self.sparse_weight]
+        # Rows whose moments are all 0 (never touched: most of the vocabulary) only decay: one multiply each.
+        moving = ((state["exp_avg"][rows] != 0) | (state["exp_avg_sq"][rows] != 0)).any(1)
+        still = rows[~moving]
+        decay = torch.exp(self.log_decay[through] - self.log_decay[self.row_step[still]])  # (still,)
+        self.sparse_weight.data[still] = (self.sparse_weight.data[still] * decay[:, None]).to(self.sparse_weight.dtype)
+        self.row_step[still] = through
+        rows = rows[moving]
         for start in range(0, len(rows), ROW_CHUNK):
             self._catch_up_chunk(rows[start:start + ROW_CHUNK], through)
 
