@@ -214,14 +214,6 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
     def _catch_up(self, rows: torch.Tensor, through: int) -> None:
         """Apply steps row_step+1 .. `through` with a zero gradient to `rows` (n,), in closed form."""
         rows = rows[self.row_step[rows] < through]
-        state = self.state[self.sparse_weight]
-        # Rows whose moments are all 0 (never touched: most of the vocabulary) only decay: one multiply each.
-        moving = ((state["exp_avg"][rows] != 0) | (state["exp_avg_sq"][rows] != 0)).any(1)
-        still = rows[~moving]
-        decay = torch.exp(self.log_decay[through] - self.log_decay[self.row_step[still]])  # (still,)
-        self.sparse_weight.data[still] = (self.sparse_weight.data[still] * decay[:, None]).to(self.sparse_weight.dtype)
-        self.row_step[still] = through
-        rows = rows[moving]
         for start in range(0, len(rows), ROW_CHUNK):
             self._catch_up_chunk(rows[start:start + ROW_CHUNK], through)
 
