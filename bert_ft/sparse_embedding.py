@@ -116,8 +116,6 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
         enable_sparse_gradients(embedding)
         embedding.register_forward_pre_hook(self._before_lookup, with_kwargs=True)
         sparse_weight = self.sparse_weight = embedding.weight
-        self.group = next(group for group in self.param_groups
-                          if any(param is sparse_weight for param in group["params"]))
         if self.group["amsgrad"] or self.group["maximize"]:
             raise ValueError("LazyEmbeddingAdamW: amsgrad and maximize have no lazy form")
         beta1, beta2 = self.group["betas"]
@@ -130,6 +128,11 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
         # Per step j (index 0 unused): lr_j and L_j = sum_{i<=j} log(1 - lr_i * wd_i), float64.
         self.lr_history = torch.zeros(64, dtype=torch.float64)
         self.log_decay = torch.zeros(64, dtype=torch.float64)
+
+    @property
+    def group(self) -> dict:
+        """The parameter group of the embedding weight (looked up each time: load_state_dict replaces the dicts)."""
+        return next(group for group in self.param_groups if any(param is self.sparse_weight for param in group["params"]))
 
     # --- the step -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -285,9 +288,12 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
         state_dict = dict(state_dict)
         lazy = state_dict.pop("lazy_embedding", None)
         super().load_state_dict(state_dict)
-        if lazy is None:
-            raise ValueError("this optimizer state has no sparse-embedding bookkeeping (saved with "
-                             "--sparse_embedding_updates false); resume with the same setting")
+        if lazy is None:  # written by dense AdamW (--sparse_embedding_updates false): every row is up to date
+            state = self.state[self.sparse_weight]
+            steps = int(state["step"]) if "step" in state else 0
+            lazy = {"steps": steps, "row_step": torch.full_like(self.row_step, steps),
+                    "lr_history": torch.zeros(steps + 1, dtype=torch.float64),  # only differences after `steps`
+                    "log_decay": torch.zeros(steps + 1, dtype=torch.float64)}  # are ever read
         self.steps = int(lazy["steps"])
         self.row_step = lazy["row_step"].to(torch.long).clone()
         size = max(64, 2 * (self.steps + 1))

@@ -217,6 +217,37 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tiny_model_dir, t
     metrics, again = (json.load(open(os.path.join(folder, "metrics.json"))) for folder in (run, resumed))
     keys = ("eval_f1", "test_f1", "train_loss", "test_precision")
     assert {key: again[key] for key in keys} == {key: metrics[key] for key in keys}
-    weights, resumed_weights = (load_file(os.path.join(folder, "model", "model.safetensors"))
-                                for folder in (run, resumed))
-    assert all(torch.equal(weights[key], resumed_weights[key]) for key in weights)
+    for saved in ("model", "checkpoint-8"):  # the best model (epoch 1) and the last step's weights
+        weights, resumed_weights = (load_file(os.path.join(folder, saved, "model.safetensors"))
+                                    for folder in (run, resumed))
+        assert all(torch.equal(weights[key], resumed_weights[key]) for key in weights), saved
+
+
+def test_optimizer_state_moves_between_dense_and_sparse(tiny_model_dir):
+    """A dense checkpoint's optimiser state continues as sparse updates, and the reverse, as dense AdamW would."""
+    data = batches(8, 30522, seed=3)
+    reference = sentence_head(tiny_model_dir)
+    trained(reference, False, data)
+    for first, second in ((True, True), (False, True), (True, False)):  # sparse to sparse: the state round trip
+        head = sentence_head(tiny_model_dir).eval()
+        groups = parameter_groups(head, 5e-4, 2e-3, 0.8, 0.01)
+        optimizer = build_optimizer(groups, 0.01, head.get_input_embeddings() if first else None)
+        scheduler = get_linear_schedule_with_warmup(optimizer, 20, len(data))
+        for index, batch in enumerate(data):
+            if index == 4:  # "resume" with the other setting: a new optimiser and schedule from the saved states
+                materialize(optimizer)  # as before every checkpoint
+                saved, schedule = optimizer.state_dict(), scheduler.state_dict()
+                weights, head = head.state_dict(), sentence_head(tiny_model_dir).eval()  # a new process
+                head.load_state_dict(weights)
+                groups = parameter_groups(head, 5e-4, 2e-3, 0.8, 0.01)
+                optimizer = build_optimizer(groups, 0.01, head.get_input_embeddings() if second else None)
+                scheduler = get_linear_schedule_with_warmup(optimizer, 20, len(data))
+                optimizer.load_state_dict(saved)  # after the schedule's start, as Accelerate's load_state does
+                scheduler.load_state_dict(schedule)
+            head.model(**batch).loss.backward()
+            clip_gradients(PlainAccelerator(), head.parameters(), 0.5)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        materialize(optimizer)
+        assert_same_model(head, reference, data[:2])
