@@ -124,10 +124,11 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
             raise ValueError(f"LazyEmbeddingAdamW: beta1 / sqrt(beta2) = {ratio} must be < 1 for the catch-up to end")
         self.horizon = math.ceil(math.log(TRUNCATION) / math.log(ratio))  # 264 skipped steps for (0.9, 0.999)
         self.steps = 0  # optimiser steps in which the embedding had a gradient (AdamW's `step` for it)
-        self.row_step = torch.zeros(sparse_weight.shape[0], dtype=torch.long)  # (vocab,) step each row is up to
+        device = sparse_weight.device  # the bookkeeping lives beside the weight (CPU or GPU)
+        self.row_step = torch.zeros(sparse_weight.shape[0], dtype=torch.long, device=device)  # (vocab,) up to step
         # Per step j (index 0 unused): lr_j and L_j = sum_{i<=j} log(1 - lr_i * wd_i), float64.
-        self.lr_history = torch.zeros(64, dtype=torch.float64)
-        self.log_decay = torch.zeros(64, dtype=torch.float64)
+        self.lr_history = torch.zeros(64, dtype=torch.float64, device=device)
+        self.log_decay = torch.zeros(64, dtype=torch.float64, device=device)
 
     @property
     def group(self) -> dict:
@@ -189,7 +190,7 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
             self.lr_history = torch.cat([self.lr_history, self.lr_history.new_zeros(grown - len(self.lr_history))])
             self.log_decay = torch.cat([self.log_decay, self.log_decay.new_zeros(grown - len(self.log_decay))])
         self.lr_history[step] = lr
-        self.log_decay[step] = self.log_decay[step - 1] + math.log1p(-lr * weight_decay)
+        self.log_decay[step] = self.log_decay[step - 1] + math.log1p(-lr * weight_decay)  # a device op: no sync
 
     # --- the catch-up ---------------------------------------------------------------------------------------
     def _before_lookup(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -259,7 +260,7 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
           w_k = lr_j / bc1_j * beta1^k * prod_{i=j+1..through} (1 - lr_i wd),   a_k = beta2^(k/2) / sqrt(bc2_j).
         Returns w, a, the series sums S_n = sum_k w_k / a_k^(n+1) (u, SERIES_TERMS), min_k a_k (u,), and the
         weight-decay product over all skipped steps (u,)."""
-        offsets = torch.arange(1, self.horizon + 1, dtype=torch.long)  # (K,)
+        offsets = torch.arange(1, self.horizon + 1, dtype=torch.long, device=last.device)  # (K,)
         steps = last[:, None] + offsets[None, :]  # (u, K)
         valid = steps <= through
         clamped = steps.clamp(max=through)
@@ -295,9 +296,10 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
                     "lr_history": torch.zeros(steps + 1, dtype=torch.float64),  # only differences after `steps`
                     "log_decay": torch.zeros(steps + 1, dtype=torch.float64)}  # are ever read
         self.steps = int(lazy["steps"])
-        self.row_step = lazy["row_step"].to(torch.long).clone()
+        device = self.sparse_weight.device
+        self.row_step = lazy["row_step"].to(device=device, dtype=torch.long).clone()
         size = max(64, 2 * (self.steps + 1))
-        self.lr_history = torch.zeros(size, dtype=torch.float64)
-        self.log_decay = torch.zeros(size, dtype=torch.float64)
-        self.lr_history[:self.steps + 1] = lazy["lr_history"].double()
-        self.log_decay[:self.steps + 1] = lazy["log_decay"].double()
+        self.lr_history = torch.zeros(size, dtype=torch.float64, device=device)
+        self.log_decay = torch.zeros(size, dtype=torch.float64, device=device)
+        self.lr_history[:self.steps + 1] = lazy["lr_history"].to(device=device, dtype=torch.float64)
+        self.log_decay[:self.steps + 1] = lazy["log_decay"].to(device=device, dtype=torch.float64)

@@ -120,6 +120,36 @@ def test_200_steps_equal_dense_adamw_with_the_same_clip_norms(tiny_model_dir, mo
     assert not torch.allclose(embedding[5], sentence_head(tiny_model_dir).get_input_embeddings().weight[5])
 
 
+def test_catch_up_equals_dense_zero_gradient_steps():
+    """The closed form against torch's AdamW step by step: gaps up to 300 steps (past the 264-step truncation),
+    gradients of 1e-3 (the series) and 1e-9 (eps not small: the exact sum), elements never touched, a changing lr."""
+    torch.manual_seed(0)
+    vocab, hidden, steps = 8, 6, 300
+    embedding = torch.nn.Embedding(vocab, hidden)
+    weight = embedding.weight
+    reference = torch.nn.Parameter(weight.detach().clone())
+    lazy = LazyEmbeddingAdamW([{"params": [weight], "lr": 1e-2, "weight_decay": 0.1}], embedding)
+    dense = torch.optim.AdamW([{"params": [reference], "lr": 1e-2, "weight_decay": 0.1}], foreach=False)
+    touched = {0: set(range(1, steps + 1)), 1: {1, 5, 20, 299}, 2: {3}, 3: set(), 4: {1, 2, 3, 298}, 5: {2, 9},
+               6: {1, 150}, 7: {4}}
+    scale = torch.tensor([1e-3, 1e-3, 1e-9, 1e-9, 0.0, 1e-3])  # per column; column 4 never gets a gradient
+    for step in range(1, steps + 1):
+        for group in lazy.param_groups + dense.param_groups:
+            group["lr"] = 1e-2 * (1 - step / (steps + 10))
+        rows = [row for row, when in touched.items() if step in when]
+        values = torch.randn(len(rows), hidden) * scale
+        reference.grad = torch.zeros(vocab, hidden).index_put_((torch.tensor(rows, dtype=torch.long),), values)
+        weight.grad = torch.sparse_coo_tensor(torch.tensor([rows], dtype=torch.long).view(1, -1), values,
+                                              (vocab, hidden)).coalesce()
+        dense.step()
+        lazy.step()
+    lazy.materialize()
+    assert torch.allclose(weight, reference, rtol=1e-5, atol=1e-7), (weight - reference).abs().max()
+    moments = lazy.state[weight]
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert torch.allclose(moments[name], dense.state[reference][name], rtol=1e-5, atol=1e-20), name
+
+
 @pytest.mark.parametrize("kind", ["fgm", "pgd"])
 def test_adversarial_perturbation_and_gradients_equal_the_dense_path(tiny_model_dir, kind):
     """Two accumulated micro-batches: the perturbed embeddings each adversarial pass sees, and the gradients after
