@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py ner --precision bf16 --layouts padded pack128 packlong
     python benchmarks/step_time.py ner --precision bf16 --layouts packlong --flags "--bulk_dropout false"
+    python benchmarks/step_time.py ner --precision bf16 --layouts packlong --flags "--sparse_embedding_updates false"
     python benchmarks/step_time.py sentence --precision bf16 --layouts packlong --keep_freed_memory --profile packlong
 
 The model, optimiser and data come from bert-ft's own training stages (prepare_data, build_training) with batch 32

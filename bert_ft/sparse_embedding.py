@@ -2,16 +2,17 @@
 
 A batch of 32 sentences touches a few hundred of MiniLM's 30,522 embedding rows, yet the dense path builds a
 (vocab, hidden) gradient (47 MB) and fused AdamW rewrites every row each step. Here the word embedding returns a
-sparse gradient (`nn.Embedding(sparse=True)`: the touched rows only, kept coalesced after every backward), and
+sparse gradient (`nn.Embedding(sparse=True)`: the touched rows only, summed per row where read), and
 `LazyEmbeddingAdamW` (torch's fused AdamW for every other parameter) updates only the touched rows:
 
-- a touched row first catches up on the steps it was skipped, in closed form: there its gradient was 0, so its
-  moments only decayed (m * beta1^k, v * beta2^k), decoupled weight decay multiplied it by (1 - lr_j * wd) each
-  step, and it kept moving by the decaying momentum lr_j / bc1_j * m_j / (sqrt(v_j / bc2_j) + eps). The products
-  come from the per-step lr history (prefix sums of log(1 - lr_j * wd)); the momentum sum depends on each element
-  only through x = sqrt(v): sum_k w_k / (a_k * x + eps), which is a short series in eps / x with per-row
-  coefficients (exact loop over k for the few elements where eps is not small against a_k * x);
-- then it takes exactly dense AdamW's step with this step's gradient.
+- before a forward pass reads a row (a pre-hook on the embedding), the row catches up on the steps it was skipped,
+  in closed form: there its gradient was 0, so its moments only decayed (m * beta1^k, v * beta2^k), decoupled
+  weight decay multiplied it by (1 - lr_j * wd) each step, and it kept moving by the decaying momentum
+  lr_j / bc1_j * m_j / (sqrt(v_j / bc2_j) + eps). The products come from the per-step lr history (prefix sums of
+  log(1 - lr_j * wd)); the momentum sum depends on each element only through x = sqrt(v):
+  sum_k w_k / (a_k * x + eps), a short series in eps / x with per-row coefficients (the exact sum over k for the
+  few elements where eps is not small against a_k * x);
+- at the optimiser step, each touched row takes exactly dense AdamW's step with this step's gradient.
 
 The momentum term of a skipped step k decays like (beta1 / sqrt(beta2))^k (0.90 for the defaults), so the sum is
 truncated after `horizon` steps where that factor is below 1e-12; the series keeps `SERIES_TERMS` terms where
@@ -30,13 +31,15 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from .config import TrainConfig
+
 SERIES_TERMS = 8  # terms of the series in eps / x
 SERIES_MARGIN = 8.0  # the series is used where a_k * x >= SERIES_MARGIN * eps: error <= (1/8)^8 = 6e-8 relative
 TRUNCATION = 1e-12  # skipped steps whose momentum factor (beta1 / sqrt(beta2))^k falls below this are dropped
 ROW_CHUNK = 2048  # rows caught up at once (materializing the whole vocabulary in float64 stays ~100 MB)
 
 
-def sparse_updates_off_reason(config, model: nn.Module, processes: int) -> str:
+def sparse_updates_off_reason(config: TrainConfig, model: nn.Module, processes: int) -> str:
     """'' when sparse-row updates apply to this run (`config` a TrainConfig, `model` the head), else why not
     (printed once in the run's log)."""
     embedding = model.get_input_embeddings()
@@ -59,15 +62,9 @@ def sparse_updates_off_reason(config, model: nn.Module, processes: int) -> str:
 
 
 def enable_sparse_gradients(embedding: nn.Embedding) -> None:
-    """Make the word embedding return touched-row gradients, coalesced (unique rows) after every backward, so that
-    gradient accumulation, the clip norm and FGM/PGD all see each row once."""
+    """Make the word embedding return touched-row gradients: (tokens, dim) values at their row ids, duplicates and
+    accumulated micro-batches summed per row when read (clip_gradients, the optimiser step, FGM/PGD coalesce)."""
     embedding.sparse = True
-
-    def coalesce(param: torch.Tensor) -> None:
-        if param.grad is not None and param.grad.is_sparse and not param.grad.is_coalesced():
-            param.grad = param.grad.coalesce()
-
-    embedding.weight.register_post_accumulate_grad_hook(coalesce)
 
 
 def clip_gradients(accelerator: Accelerator, parameters, max_norm: float) -> torch.Tensor:
@@ -126,9 +123,10 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
         self.steps = 0  # optimiser steps in which the embedding had a gradient (AdamW's `step` for it)
         device = sparse_weight.device  # the bookkeeping lives beside the weight (CPU or GPU)
         self.row_step = torch.zeros(sparse_weight.shape[0], dtype=torch.long, device=device)  # (vocab,) up to step
-        # Per step j (index 0 unused): lr_j and L_j = sum_{i<=j} log(1 - lr_i * wd_i), float64.
+        # Per step j (index 0 unused): lr_j, L_j = sum_{i<=j} log|1 - lr_i * wd_i| and how many of those were < 0.
         self.lr_history = torch.zeros(64, dtype=torch.float64, device=device)
         self.log_decay = torch.zeros(64, dtype=torch.float64, device=device)
+        self.negative_decays = torch.zeros(64, dtype=torch.float64, device=device)  # count of 1 - lr_i wd_i < 0
 
     @property
     def group(self) -> dict:
@@ -189,8 +187,19 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
             grown = 2 * len(self.lr_history)
             self.lr_history = torch.cat([self.lr_history, self.lr_history.new_zeros(grown - len(self.lr_history))])
             self.log_decay = torch.cat([self.log_decay, self.log_decay.new_zeros(grown - len(self.log_decay))])
+            self.negative_decays = torch.cat([self.negative_decays,
+                                              self.negative_decays.new_zeros(grown - len(self.negative_decays))])
         self.lr_history[step] = lr
-        self.log_decay[step] = self.log_decay[step - 1] + math.log1p(-lr * weight_decay)  # a device op: no sync
+        factor = 1 - lr * weight_decay  # below 0 only for absurd learning rates (the run then diverges, as dense)
+        log_factor = math.log1p(-lr * weight_decay) if factor > 0 else math.log(max(-factor, 1e-300))
+        self.log_decay[step] = self.log_decay[step - 1] + log_factor  # device ops: no host sync
+        self.negative_decays[step] = self.negative_decays[step - 1] + (factor < 0)
+
+    def _decay(self, through: int, since: torch.Tensor) -> torch.Tensor:
+        """prod_{i = since+1 .. through} (1 - lr_i * wd_i), float64, the shape of `since` (step indices)."""
+        magnitude = torch.exp(self.log_decay[through] - self.log_decay[since])
+        flips = self.negative_decays[through] - self.negative_decays[since]
+        return torch.where(flips % 2 == 1, -magnitude, magnitude)
 
     # --- the catch-up ---------------------------------------------------------------------------------------
     def _before_lookup(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -209,7 +218,7 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
         behind = self.row_step < through  # (vocab,)
         moving = behind & ((state["exp_avg"] != 0).any(1) | (state["exp_avg_sq"] != 0).any(1))
         still = behind & ~moving
-        decay = torch.exp(self.log_decay[through] - self.log_decay[self.row_step])  # (vocab,)
+        decay = self._decay(through, self.row_step)  # (vocab,)
         weight.data.mul_(torch.where(still, decay, torch.ones_like(decay)).to(weight.dtype)[:, None])
         self.row_step[still] = through
         self._catch_up(moving.nonzero()[:, 0], through)
@@ -266,7 +275,7 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
         clamped = steps.clamp(max=through)
         k = offsets.double()[None, :]
         step_float = clamped.double()
-        decay_after = torch.exp(self.log_decay[through] - self.log_decay[clamped])
+        decay_after = self._decay(through, clamped)
         weights = self.lr_history[clamped] / (1 - beta1 ** step_float) * beta1 ** k * decay_after
         weights = torch.where(valid, weights, torch.zeros_like(weights))
         scales = beta2 ** (k / 2) / torch.sqrt(1 - beta2 ** step_float)
@@ -274,7 +283,7 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
         powers = torch.stack([inverse_scales ** (n + 1) for n in range(SERIES_TERMS)], dim=1)  # (u, N, K)
         series = (weights[:, None, :] * powers).sum(-1)
         smallest_scale = torch.where(valid, scales, torch.full_like(scales, math.inf)).min(1).values
-        param_decay = torch.exp(self.log_decay[through] - self.log_decay[last])
+        param_decay = self._decay(through, last)
         return weights, scales, series, smallest_scale, param_decay
 
     # --- checkpoints ----------------------------------------------------------------------------------------
@@ -282,7 +291,8 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
         state = super().state_dict()
         state["lazy_embedding"] = {"steps": self.steps, "row_step": self.row_step.clone(),
                                    "lr_history": self.lr_history[:self.steps + 1].clone(),
-                                   "log_decay": self.log_decay[:self.steps + 1].clone()}
+                                   "log_decay": self.log_decay[:self.steps + 1].clone(),
+                                   "negative_decays": self.negative_decays[:self.steps + 1].clone()}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -294,7 +304,8 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
             steps = int(state["step"]) if "step" in state else 0
             lazy = {"steps": steps, "row_step": torch.full_like(self.row_step, steps),
                     "lr_history": torch.zeros(steps + 1, dtype=torch.float64),  # only differences after `steps`
-                    "log_decay": torch.zeros(steps + 1, dtype=torch.float64)}  # are ever read
+                    "log_decay": torch.zeros(steps + 1, dtype=torch.float64),  # are ever read
+                    "negative_decays": torch.zeros(steps + 1, dtype=torch.float64)}
         self.steps = int(lazy["steps"])
         device = self.sparse_weight.device
         self.row_step = lazy["row_step"].to(device=device, dtype=torch.long).clone()
@@ -303,3 +314,5 @@ class LazyEmbeddingAdamW(torch.optim.AdamW):
         self.log_decay = torch.zeros(size, dtype=torch.float64, device=device)
         self.lr_history[:self.steps + 1] = lazy["lr_history"].to(device=device, dtype=torch.float64)
         self.log_decay[:self.steps + 1] = lazy["log_decay"].to(device=device, dtype=torch.float64)
+        self.negative_decays = torch.zeros(size, dtype=torch.float64, device=device)
+        self.negative_decays[:self.steps + 1] = lazy["negative_decays"].to(device=device, dtype=torch.float64)

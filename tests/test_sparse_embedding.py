@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 from bert_ft import sparse_embedding
 from bert_ft.adversarial import FGM, PGD
 from bert_ft.cli import main
-from bert_ft.optim import build_optimizer, parameter_groups, set_frozen
+from bert_ft.optim import build_optimizer, parameter_groups, set_frozen, unfreeze_all
 from bert_ft.random_models import build_family
 from bert_ft.sparse_embedding import LazyEmbeddingAdamW, clip_gradients, materialize, sparse_updates_off_reason
 from bert_ft_tasks.sentence import SentenceTask
@@ -217,7 +217,16 @@ def test_off_where_it_must_be(tiny_model_dir):
     assert "--torch_compile" in reason(torch_compile=True)
     set_frozen(head, False, 1)  # the embeddings and layer 0
     assert "frozen" in reason()
-    assert reason(unfreeze_at_epoch=2) == ""  # they are trained from that epoch on
+    assert reason(unfreeze_at_epoch=2) == ""  # they are trained from that epoch on: sparse from then
+    optimizer = build_optimizer(parameter_groups(head, 5e-4, 2e-3, 1.0, 0.01), 0.01, head.get_input_embeddings())
+    head.model(**batches(1, 30522)[0]).loss.backward()
+    optimizer.step()
+    assert optimizer.steps == 0  # frozen: no gradient, no step for the embeddings (as dense AdamW)
+    unfreeze_all(head)
+    head.model(**batches(1, 30522)[0]).loss.backward()
+    assert head.get_input_embeddings().weight.grad.is_sparse
+    optimizer.step()
+    assert optimizer.steps == 1
 
 
 def run_args(model_dir: str, output_dir: str, *extra: str) -> list[str]:
