@@ -140,7 +140,7 @@ def test_catch_up_equals_dense_zero_gradient_steps():
         values = torch.randn(len(rows), hidden) * scale
         reference.grad = torch.zeros(vocab, hidden).index_put_((torch.tensor(rows, dtype=torch.long),), values)
         weight.grad = torch.sparse_coo_tensor(torch.tensor([rows], dtype=torch.long).view(1, -1), values,
-                                              (vocab, hidden)).coalesce()
+                                              (vocab, hidden), check_invariants=True).coalesce()
         dense.step()
         lazy.step()
     lazy.materialize()
