@@ -8,6 +8,8 @@ import copy
 import json
 import os
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +23,8 @@ from bert_ft.optim import build_optimizer, parameter_groups, set_frozen, unfreez
 from bert_ft.random_models import build_family
 from bert_ft.sparse_embedding import LazyEmbeddingAdamW, clip_gradients, materialize, sparse_updates_off_reason
 from bert_ft_tasks.sentence import SentenceTask
+
+from .conftest import ROOT
 
 LABELS = ["negative", "positive"]
 
@@ -232,13 +236,13 @@ def test_off_where_it_must_be(tiny_model_dir):
 def run_args(model_dir: str, output_dir: str, *extra: str) -> list[str]:
     return ["ner", "--model_name_or_path", model_dir, "--output_dir", output_dir, "--num_train_epochs", "2",
             "--max_train_samples", "64", "--max_eval_samples", "16", "--per_device_train_batch_size", "8",
-            "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16", "--learning_rate", "3e-3",
+            "--gradient_accumulation_steps", "2", "--learning_rate", "3e-3",
             "--max_seq_length", "48", "--save_steps", "3", "--save_total_limit", "10", *extra]
 
 
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tiny_model_dir, tmp_path):
-    """On by default (bf16 autocast, 2 accumulated micro-batches): resuming mid-epoch from checkpoint-3 ends with
-    the uninterrupted run's scores and weights."""
+    """On by default (2 accumulated micro-batches): resuming mid-epoch from checkpoint-3 ends with the uninterrupted
+    run's scores and weights."""
     from safetensors.torch import load_file
 
     run = str(tmp_path / "run")
@@ -290,3 +294,25 @@ def test_optimizer_state_moves_between_dense_and_sparse(tiny_model_dir):
             optimizer.zero_grad(set_to_none=True)
         materialize(optimizer)
         assert_same_model(head, reference, data[:2])
+
+
+def test_a_run_equals_the_dense_run(tiny_model_dir, tmp_path):
+    """Through the CLI (prepare, schedule, checkpoints, evaluation), the default run's last weights equal those of a
+    --sparse_embedding_updates false run to 1e-5 per tensor (fp32; the key biases are rounding noise in both)."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for sparse in ("true", "false"):  # subprocesses: fp32 whatever --mixed_precision auto gives in this process
+        run = str(tmp_path / sparse)
+        flags = run_args(tiny_model_dir, run, "--mixed_precision", "no", "--sparse_embedding_updates", sparse)
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "run_task.py"), *flags], capture_output=True,
+                              text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        weights[sparse] = load_file(os.path.join(run, "checkpoint-8", "model.safetensors"))
+    for key, dense in weights["false"].items():
+        if not key.endswith(NOISE_ONLY):
+            error = float((weights["true"][key] - dense).norm() / dense.norm().clamp_min(1e-12))
+            assert error < 1e-5, (key, error)
+    initial = load_file(os.path.join(tiny_model_dir, "model.safetensors"))["embeddings.word_embeddings.weight"]
+    moved = (weights["true"]["model.bert.embeddings.word_embeddings.weight"] - initial).abs().amax(1)
+    assert int((moved > 0).sum()) == initial.shape[0] - 1  # every row but [PAD] decayed or trained
