@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py ner --precision bf16 --layouts padded pack128 packlong
     python benchmarks/step_time.py ner --precision bf16 --layouts packlong --flags "--bulk_dropout false"
+    python benchmarks/step_time.py ner --precision bf16 --layouts packlong --flags "--sparse_embedding_updates false"
     python benchmarks/step_time.py sentence --precision bf16 --layouts packlong --keep_freed_memory --profile packlong
     python benchmarks/step_time.py ner --layouts packlong --keep_freed_memory --profile_table packlong   # by category
     python benchmarks/step_time.py ner --precision bf16 --layouts packlong packlong+block --rounds 5

@@ -27,7 +27,10 @@ ForwardBackward = Callable[[], object]
 
 
 def _l2_norm(tensor: torch.Tensor) -> float:
-    """Frobenius norm of the whole tensor, accumulated in fp32 so fp16/bf16 inputs do not overflow."""
+    """Frobenius norm of the whole tensor, accumulated in fp32 so fp16/bf16 inputs do not overflow. A sparse
+    gradient (--sparse_embedding_updates: the touched rows) has the norm of its dense form."""
+    if tensor.is_sparse:
+        tensor = tensor.coalesce()._values()
     return float(torch.linalg.vector_norm(tensor, dtype=torch.float32))
 
 
@@ -78,6 +81,8 @@ class EmbeddingAdversary:
             return None
         if snapshot is None:
             return grad.detach()
+        if grad.is_sparse:  # touched rows only: small, and the difference is summed per row
+            return (grad.detach() - snapshot).coalesce()
         # In place in the snapshot's memory to avoid a second (vocab, hidden) buffer;
         # -s + g is bit-identical to g - s in IEEE arithmetic.
         return snapshot.neg_().add_(grad.detach())
@@ -211,7 +216,7 @@ class PGD(EmbeddingAdversary):
             for param, grad_backup in zip(self.params, grad_backups):
                 if grad_backup is None:
                     param.grad = None
-                elif param.grad is None:
+                elif param.grad is None or grad_backup.is_sparse:  # a sparse grad's rows may differ: replace it
                     param.grad = grad_backup
                 else:
                     param.grad.copy_(grad_backup)

@@ -67,6 +67,10 @@ class TrainConfig:
                                 "its length^2, not rows x width^2; attention dropout drawn inside examples); train: "
                                 "in training steps, on: in evaluation too, off: the block-diagonal mask "
                                 "(docs/training.md)", choices=("off", "train", "on"))
+    sparse_embedding_updates: bool = flag(True, "update only the word-embedding rows a step touches (sparse "
+                                          "gradient, AdamW's skipped steps caught up in closed form: the dense "
+                                          "result to 1e-5; off by itself with LoRA, frozen embeddings, several "
+                                          "processes or --torch_compile; false: dense AdamW over the vocabulary)")
     mega_batch_factor: int = flag(1, "with --packing false: sort by length inside shuffled groups of N batches, "
                                   "less padding but can score lower (1 = random batches)")
     learning_rate: float = flag(1e-4, "peak learning rate of the top encoder layer (1e-4 suits small encoders)")

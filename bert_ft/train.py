@@ -37,6 +37,7 @@ from .model_folder import save_model
 from .optim import unfreeze_all
 from .run_folder import check_input_files, choose_output_dir, point_latest, same_on_every_process
 from .scoring import evaluate_split, final_scoring
+from .sparse_embedding import clip_gradients, materialize
 from .task import Task
 from .trackers import Throughput, epoch_values, log_final, start_trackers
 from .training_setup import Training, build_training, make_accelerator, precision_name
@@ -147,6 +148,7 @@ def train_epoch(epoch: int, training: Training, state: TrainerState, config: Tra
         if saving_point:
             state.train_seconds += time.perf_counter() - start
             monitor.fold()
+            materialize(training.optimizer)  # every embedding row up to date before the weights are written
             save_checkpoint(accelerator, config, state)
             start = time.perf_counter()
         if config.max_steps and state.global_step >= config.max_steps:
@@ -200,7 +202,7 @@ def train_step(accelerator: Accelerator, model: torch.nn.Module, batch: dict, op
                 accelerator.backward(loss)
             adversary.adversarial_backward(lambda: accelerator.backward(forward_loss()))
         if accelerator.sync_gradients and max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            clip_gradients(accelerator, model.parameters(), max_grad_norm)  # counts sparse embedding rows too
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -210,6 +212,7 @@ def train_step(accelerator: Accelerator, model: torch.nn.Module, batch: dict, op
 def end_of_epoch(epoch: int, training: Training, task: Task, data: Data, state: TrainerState,
                  config: TrainConfig, save_best) -> bool:
     """Validate, keep the best model, checkpoint; returns True when early stopping ends training."""
+    materialize(training.optimizer)  # sparse embedding updates: every row caught up before anything reads them
     record: dict[str, Any] = {"epoch": epoch + 1,
                               "train_loss": state.epoch_loss_sum / max(state.epoch_loss_count, 1)}
     state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0

@@ -26,6 +26,7 @@ from .inference import eval_loader, packing_is_exact  # the check lives beside i
 from .lora import apply_lora
 from .losses import format_weights, label_counts, resolve_class_weights
 from .optim import build_optimizer, format_groups, parameter_groups, set_frozen, summarize_groups
+from .sparse_embedding import sparse_updates_off_reason
 from .task import Features, Task
 from .trackers import accelerator_kwargs
 
@@ -107,7 +108,10 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
     groups = parameter_groups(model, config.learning_rate, config.head_learning_rate, config.layer_lr_decay,
                               config.weight_decay)
     log(format_groups(groups) if config.verbose else summarize_groups(groups))
-    optimizer = build_optimizer(groups, config.weight_decay)
+    sparse_off = sparse_updates_off_reason(config, model, accelerator.num_processes)
+    if sparse_off and config.sparse_embedding_updates:  # asked for (the default) but not possible here: say why
+        log(f"sparse embedding updates: off ({sparse_off})")
+    optimizer = build_optimizer(groups, config.weight_decay, None if sparse_off else model.get_input_embeddings())
 
     pad_values = task.pad_values(data.tokenizer)
     pad_multiple = 8 if accelerator.device.type == "cuda" else None
