@@ -209,6 +209,9 @@ def _final_metrics(state: TrainerState, data: Data, accelerator: Accelerator, tr
         "packing": training.packing,
         "train_loss": state.history[-1]["train_loss"] if state.history else None,
         "trainable_parameters": trainable_parameters(training.network),
+        # --torch_compile: graphs compiled, the steps that compiled, the step time after them (bert_ft.compiling)
+        **(training.compiled.metrics() if training.compiled is not None
+           else {"torch_compile": training.compile_note} if training.compile_note else {}),
     }
 
 
