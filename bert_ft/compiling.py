@@ -25,6 +25,8 @@ layer group), a family listed in `UNSUPPORTED_FAMILIES`.
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -86,6 +88,8 @@ class CompiledLayers:
                                f"or guards keep changing{f'; {breaks} graph breaks' if breaks else ''})")
 
     def back_to_eager(self, why: str) -> None:
+        if self.eager_since is not None:
+            return
         for layer in self.layers:
             layer._compiled_call_impl = None
         self.eager_since = why
@@ -111,19 +115,28 @@ class CompiledLayers:
                 "steady_step_ms": round(1000 * self.steady_seconds / max(self.steady_steps, 1), 2)}
 
 
-def _training_only(layer: nn.Module, compiled: Callable) -> Callable:
-    """The layer's call: compiled in training with gradients, its plain call otherwise (evaluation, predict and
-    any no_grad forward stay eager and cost no graph)."""
+class _TrainingOnly:
+    """A compiled layer's call: compiled in training with gradients, its plain call otherwise (evaluation, predict
+    and any no_grad forward stay eager and cost no graph). A compile that fails (inductor's C++ build, a construct
+    dynamo cannot trace) sends every layer back to eager with one line, and the step goes on eager."""
 
-    def call(*args, **kwargs):
-        if layer.training and torch.is_grad_enabled():
-            return compiled(*args, **kwargs)
-        return layer._call_impl(*args, **kwargs)
+    def __init__(self, layer: nn.Module, compiled: Callable, layers: CompiledLayers) -> None:
+        self.layer, self.compiled, self.layers = layer, compiled, layers
 
-    return call
+    def __call__(self, *args, **kwargs):
+        if self.layer.training and torch.is_grad_enabled():
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                self.layers.back_to_eager(f"compiling failed ({type(error).__name__}: {first_line[:200]})")
+        return self.layer._call_impl(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # a copied model (a merged LoRA model for saving) runs eager, never through this layer
 
 
-def why_not_compiled(network: nn.Module, num_processes: int) -> str | None:
+def why_not_compiled(network: nn.Module, num_processes: int, device: torch.device | str = "cpu") -> str | None:
     """Why --torch_compile cannot apply to this run (one line naming the feature), or None."""
     if num_processes > 1:
         return (f"not with {num_processes} processes (DDP's gradient hooks under compiled layers are untested in "
@@ -134,16 +147,19 @@ def why_not_compiled(network: nn.Module, num_processes: int) -> str | None:
     if family in UNSUPPORTED_FAMILIES:
         return f"not for the {family} family: {UNSUPPORTED_FAMILIES[family]}"
     if encoder_layers(encoder) is None:
-        return (f"the {family} encoder has no stack of per-depth layers to compile (ALBERT runs one shared layer "
-                "group)")
+        return (f"the {family} encoder has no stack of per-depth layers to compile: ALBERT's layers are one shared "
+                "group run num_hidden_layers times")
+    if torch.device(device).type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++")
+                                                     or shutil.which("clang++")):
+        return "no C++ compiler found (inductor builds C++ kernels on a CPU): install g++, or set CXX"
     return None
 
 
-def compile_encoder_layers(network: nn.Module, num_processes: int, log: Callable[[str], None]
-                           ) -> tuple[CompiledLayers | None, str]:
+def compile_encoder_layers(network: nn.Module, num_processes: int, log: Callable[[str], None],
+                           device: torch.device | str = "cpu") -> tuple[CompiledLayers | None, str]:
     """Compile `network`'s encoder layers for training steps. Returns (the CompiledLayers, "on") or (None, why
     not), having logged one line either way."""
-    why = why_not_compiled(network, num_processes)
+    why = why_not_compiled(network, num_processes, device)
     if why is not None:
         log(f"torch.compile: off, {why}")
         return None, f"off ({why})"
@@ -153,17 +169,18 @@ def compile_encoder_layers(network: nn.Module, num_processes: int, log: Callable
     # A layer whose forward is replaced on the instance (a sentence classifier's [CLS]-only top layer,
     # bert_ft.heads.read_first_token_only) gathers examples at data-dependent positions: it stays eager.
     layers = [layer for layer in stack if "forward" not in layer.__dict__]
+    compiled = CompiledLayers(layers, log)
     for layer in layers:
         # torch.nn.Module.compile's own mechanism (Module.__call__ runs _compiled_call_impl when set), with the
         # training-only switch in front; the "inductor" name (not a wrapper) lets every layer, and every run of
         # this process (--hp_search trials), share the same compiled graphs.
-        layer._compiled_call_impl = _training_only(layer, torch.compile(layer._call_impl, backend="inductor",
-                                                                        dynamic=True))
+        layer._compiled_call_impl = _TrainingOnly(layer, torch.compile(layer._call_impl, backend="inductor",
+                                                                       dynamic=True), compiled)
     eager = len(stack) - len(layers)
     kept = "; the [CLS]-only top layer stays eager" if eager else ""
     log(f"torch.compile: {len(layers)} encoder layers compiled for training steps (inductor, dynamic rows and "
         f"widths; the first step compiles, tens of seconds on 2 cores){kept}; evaluation runs eager")
-    return CompiledLayers(layers, log), "on"
+    return compiled, "on"
 
 
 def timed_step(compiled: CompiledLayers | None, step_number: int, step: Callable, *args: Any) -> Any:

@@ -149,8 +149,9 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
     adversary = build_adversary(config.adversarial, network.get_input_embeddings().weight, config.adv_epsilon,
                                 config.adv_steps, config.adv_alpha,
                                 params=[param for param in network.parameters() if param.requires_grad])
-    compiled, compile_note = (compile_encoder_layers(network, accelerator.num_processes, log) if config.torch_compile
-                              else (None, ""))
+    compiled, compile_note = None, ""
+    if config.torch_compile:  # after prepare: the layers of the network the prepared model calls
+        compiled, compile_note = compile_encoder_layers(network, accelerator.num_processes, log, accelerator.device)
     return Training(accelerator, model_, network, optimizer, scheduler, train_loader, eval_loaders, collator,
                     sampler, adversary, packing, epochs, class_weights, format_groups(groups),
                     compiled=compiled, compile_note=compile_note)

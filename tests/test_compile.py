@@ -76,6 +76,7 @@ def stepper(model: torch.nn.Module, adversarial: bool = False):
     return step
 
 
+@pytest.mark.compile
 def test_compiled_layers_train_as_eager_on_changing_packed_shapes_with_one_graph(still_bert):
     torch.manual_seed(0)
     eager = BertForTokenClassification.from_pretrained(still_bert, num_labels=5)
@@ -107,6 +108,7 @@ def test_compiled_layers_train_as_eager_on_changing_packed_shapes_with_one_graph
     assert "graph(s) compiled" in compiled.describe()
 
 
+@pytest.mark.compile
 def test_torch_compile_run_records_its_graphs_with_crf_and_fgm(still_bert, tmp_path):
     """The CLI path: the CRF head (eager Python loop) and FGM over compiled layers, packed batches; metrics.json
     counts the graphs and times the steps; the saved model predicts (evaluation ran eager)."""
@@ -122,7 +124,7 @@ def test_torch_compile_run_records_its_graphs_with_crf_and_fgm(still_bert, tmp_p
     assert main(["predict", "--model_dir", f"{run}/model", "John lives in Paris ."]) == 0
 
 
-def test_a_run_that_cannot_compile_says_why_in_one_line(still_bert):
+def test_a_run_that_cannot_compile_says_why_in_one_line(still_bert, monkeypatch):
     torch.manual_seed(0)
     albert = AlbertForTokenClassification(AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32,
                                                        num_hidden_layers=2, num_attention_heads=2,
@@ -136,6 +138,31 @@ def test_a_run_that_cannot_compile_says_why_in_one_line(still_bert):
     compiled, note = compile_encoder_layers(bert, 2, lines.append)
     assert compiled is None and "2 processes" in lines[-1]
     assert all(layer._compiled_call_impl is None for layer in bert.bert.encoder.layer)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
+    assert "no C++ compiler found" in why_not_compiled(bert, 1, "cpu")
+
+
+def test_a_failing_compile_goes_back_to_eager_with_one_line():
+    """A compile that fails at the first step (inductor's C++ build, an untraceable construct): that step and the
+    rest run eager, one line says why."""
+    layers = [torch.nn.Linear(2, 2) for _ in range(2)]
+    lines = []
+    compiled = CompiledLayers(layers, lines.append)
+
+    def failing(*args, **kwargs):
+        raise torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("g++: fatal error"), None)
+
+    for layer in layers:
+        layer._compiled_call_impl = compiling._TrainingOnly(layer, failing, compiled)
+    inputs = torch.ones(3, 2)
+    expected = layers[0]._call_impl(inputs)
+    assert torch.equal(layers[0](inputs), expected)  # the failed compile's step ran eager
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    assert len(lines) == 1 and "compiling failed (BackendCompilerFailed" in lines[0]
+    # A copied layer (deepcopy: a merged LoRA model for saving) runs eager, never through the original's call.
+    layers[0]._compiled_call_impl = compiling._TrainingOnly(layers[0], failing, CompiledLayers(layers, print))
+    assert copy.deepcopy(layers[0])._compiled_call_impl is None
 
 
 def test_more_graphs_than_the_cap_send_the_layers_back_to_eager(monkeypatch):
