@@ -178,7 +178,7 @@ def compile_encoder_layers(network: nn.Module, num_processes: int, log: Callable
                                                                        dynamic=True), compiled)
     eager = len(stack) - len(layers)
     kept = "; the [CLS]-only top layer stays eager" if eager else ""
-    log(f"torch.compile: {len(layers)} encoder layers compiled for training steps (inductor, dynamic rows and "
+    log(f"torch.compile: {len(layers)} encoder layer(s) compiled for training steps (inductor, dynamic rows and "
         f"widths; the first step compiles, tens of seconds on 2 cores){kept}; evaluation runs eager")
     return compiled, "on"
 
