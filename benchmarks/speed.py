@@ -4,6 +4,7 @@
     python benchmarks/speed.py sentence --max_train_samples 4000 --max_eval_samples 872 --seeds 1 2 3
     python benchmarks/speed.py relation --max_train_samples 2000 --max_eval_samples 1000 --seeds 1 2 3   # SemEval
     python benchmarks/speed.py ner --precisions bf16 --max_train_samples 14041   # on a GPU: prints MFU too
+    python benchmarks/speed.py ner --sides packed compiled --precisions bf16 --seeds 1 2   # --torch_compile's cost
     python benchmarks/speed.py multi_label --max_train_samples 1000 --max_eval_samples 1000 --num_train_epochs 2 \
         --seeds 1 2 3 4 5 --sides recipe packed --precisions no bf16   # CoNLL-derived (benchmarks/derived_tasks.py)
     python benchmarks/speed.py regression ...                           # the same for the regression task
@@ -22,6 +23,8 @@ Sides, each in every precision of `--precisions` (default: fp32 "no" and bf16):
   grouped  bert-ft with length-grouped padded batches (--packing false --mega_batch_factor 50);
   packed   bert-ft's default: random batches packed several examples per row (--packing true);
   blocked  packed, with per-example attention (--block_attention train; not in the default --sides).
+  compiled packed with --torch_compile: its train_runtime counts the compiling, and its per-seed line adds the
+           graphs compiled, the seconds of the steps that compiled and the step time after them (metrics.json).
 All get the same model, data slice, batch size, learning rate, warmup, weight decay, epochs and seed, and each run
 is its own subprocess (one at a time) so that peak memory (RSS; GPU memory on a GPU) is its own. Printed per
 precision: train samples/s, real (non-pad) tokens/s, padding ratio (1 - real tokens / token slots computed), peak
@@ -87,7 +90,8 @@ def peak_memory_mb() -> float:
 BERT_FT_SIDES = {"random": ["--packing", "false", "--mega_batch_factor", "1"],
                  "grouped": ["--packing", "false", "--mega_batch_factor", "50"],
                  "packed": ["--packing", "true"],
-                 "blocked": ["--packing", "true", "--block_attention", "train"]}
+                 "blocked": ["--packing", "true", "--block_attention", "train"],
+                 "compiled": ["--packing", "true", "--torch_compile", "true"]}
 
 
 def run_bert_ft(args) -> dict:
@@ -114,7 +118,10 @@ def run_bert_ft(args) -> dict:
             "real_tokens": metrics["train_tokens_per_second"] * metrics["train_runtime"],
             "train_samples": metrics["train_samples"] * metrics["epochs_trained"],
             "train_gflops_per_second": metrics.get("train_model_gflops_per_second"),
-            "train_batches": -(-metrics["train_samples"] // args.batch_size) * metrics["epochs_trained"]}
+            "train_batches": -(-metrics["train_samples"] // args.batch_size) * metrics["epochs_trained"],
+            # --torch_compile (the compiled side): graphs compiled, steps that compiled, step time after them
+            **{key: metrics[key] for key in ("compiled_graphs", "compiling_steps_seconds", "steady_step_ms")
+               if key in metrics}}
 
 
 class CountingCollator:
@@ -389,7 +396,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=("no", "fp16", "bf16"),
                         help="run every side in each of these precisions (no = fp32)")
     parser.add_argument("--sides", nargs="+", default=["recipe", "random", "grouped", "packed"],
-                        choices=("recipe", "random", "grouped", "packed", "blocked"))
+                        choices=("recipe", "random", "grouped", "packed", "blocked", "compiled"))
     parser.add_argument("--only", nargs="+", metavar="SIDE/PRECISION",
                         help="run only these (side, precision) pairs, e.g. recipe/no packed/bf16")
     parser.add_argument("--peak_tflops", type=float, help="peak FLOP/s of the device in TFLOPS, for MFU (GPUs "
@@ -486,6 +493,16 @@ def main() -> None:
                                    for ours, theirs in zip(runs[(side, precision)], recipe_runs))
                 print(f"  {side} - recipe score: {statistics.fmean(differences):+.2f} points{spread} "
                       f"(per seed {per_seed}); train ratio per seed {ratios}")
+    for precision in args.precisions:  # --torch_compile against the same run eager: compile time included
+        if ("packed", precision) in runs and ("compiled", precision) in runs:
+            pairs = list(zip(runs[("packed", precision)], runs[("compiled", precision)]))
+            per_seed = ", ".join(f"{eager['train_runtime']:.1f} s vs {compiled['train_runtime']:.1f} s "
+                                 f"({compiled.get('compiled_graphs', '?')} graphs, "
+                                 f"{compiled.get('compiling_steps_seconds', 0):.1f} s in the steps that compiled, "
+                                 f"then {compiled.get('steady_step_ms', 0):.1f} ms/step)" for eager, compiled in pairs)
+            speedup = statistics.fmean(eager["train_runtime"] / compiled["train_runtime"] for eager, compiled in pairs)
+            print(f"\ntorch.compile ({'fp32' if precision == 'no' else precision}): train_runtime eager vs compiled, "
+                  f"per seed: {per_seed}; eager / compiled runtime {speedup:.2f}x (mean; above 1: compiling pays)")
     if ("recipe", "no") in mean and ("packed", "bf16") in mean:
         default, recipe = mean[("packed", "bf16")], mean[("recipe", "no")]
         differences = [100 * (ours["score"] - theirs["score"])

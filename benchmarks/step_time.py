@@ -6,6 +6,7 @@
     python benchmarks/step_time.py sentence --precision bf16 --layouts packlong --keep_freed_memory --profile packlong
     python benchmarks/step_time.py ner --layouts packlong --keep_freed_memory --profile_table packlong   # by category
     python benchmarks/step_time.py ner --precision bf16 --layouts packlong packlong+block --rounds 5
+    python benchmarks/step_time.py ner --precision bf16 --layouts packlong --flags "--torch_compile"   # compiled
 
 The model, optimiser and data come from bert-ft's own training stages (prepare_data, build_training) with batch 32
 over the first 2000 training examples; the same `--steps` random batches are laid out as `padded` (one example per
@@ -13,8 +14,10 @@ row), `packlong` (packed rows as wide as the batch's longest example: the defaul
 least N tokens), and timed through `train_step` after 2 warm-up steps, each layout `--rounds` times interleaved.
 Prints ms per step (median over rounds), page faults per step, and with `--profile LAYOUT` torch's profile of that
 layout's last round. A layout ending in `+block` runs the same packed rows with per-example attention
-(--block_attention train, bert_ft.block_attention); the others keep the block-diagonal mask. `--keep_freed_memory` keeps the allocator setting a training run applies (build_training applies it; without the
-flag this script turns it off).
+(--block_attention train, bert_ft.block_attention); the others keep the block-diagonal mask. `--keep_freed_memory`
+keeps the allocator setting a training run applies (build_training applies it; without the flag this script turns
+it off). With `--flags "--torch_compile"` the first warm-up steps compile: their time and
+the graphs compiled are printed, and the ms per step after them compare with the same command without the flag.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ def main() -> None:
             train_step(accelerator, training.model, batch, training.optimizer, training.scheduler, None, 1.0)
 
     timings: dict[str, list[float]] = {layout: [] for layout in args.layouts}
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     training.model.train()
     for round_number in range(args.rounds):
         for layout in args.layouts:
@@ -100,7 +104,12 @@ def main() -> None:
             for batch in laid:
                 batch.pop("feature_index")
             slots = sum(batch["input_ids"].numel() for batch in laid) / len(laid)
+            warm_start = time.perf_counter()
             steps(laid[:2])  # warm-up
+            if training.compiled is not None:  # --torch_compile: what compiling cost so far
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+                print(f"round {round_number} {layout:<9} warm-up {time.perf_counter() - warm_start:6.1f} s; "
+                      f"{graphs} graph(s) compiled so far", flush=True)
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             if layout in (args.profile, args.profile_table) and round_number == args.rounds - 1:
@@ -118,8 +127,10 @@ def main() -> None:
             milliseconds = (time.perf_counter() - start) / (len(laid) - 2) * 1000
             faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (len(laid) - 2)
             timings[layout].append(milliseconds)
+            compiled = "" if training.compiled is None else \
+                f", {torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs_before} graph(s) compiled so far"
             print(f"round {round_number} {layout:<15} {milliseconds:7.1f} ms/step, {faults:7.0f} page faults/step, "
-                  f"{slots:5.0f} token slots/step", flush=True)
+                  f"{slots:5.0f} token slots/step{compiled}", flush=True)
     for layout, values in timings.items():
         median = statistics.median(values)
         print(f"{layout:<15} median {median:7.1f} ms/step = {args.batch_size * 1000 / median:6.1f} samples/s")

@@ -124,9 +124,10 @@ class TrainConfig:
     report_to: str = flag("none", "experiment trackers via Accelerate, a comma list: tensorboard, mlflow (tested), "
                           "wandb, comet_ml, aim, clearml, dvclive, ... (passed to Accelerate), all, or none")
     run_name: str | None = flag(None, "the run's name in the trackers (default: the --output_dir folder name)")
-    torch_compile: bool = flag(False, "torch.compile the model (slow start, can help long GPU runs)")
     peak_tflops: float | None = flag(None, "the device's peak TFLOPS in the run's precision: metrics.json then "
                                      "reports MFU (known GPUs need none; a CPU's bound: benchmarks/gemm_bound.py)")
+    torch_compile: bool = flag(False, "torch.compile the encoder layers for training steps (inductor, dynamic shapes; "
+                               "the first step compiles, tens of seconds on 2 cores; docs/training.md)")
     logging_steps: int = flag(50, "print the training loss every N optimiser steps")
     debug: bool = flag(False, "show full tracebacks on errors")
     verbose: bool = flag(False, "print the detail: transformers' load report, the learning-rate table (always in "

@@ -167,7 +167,12 @@ def apply_cpu_speedups(model: nn.Module, config: Any, device: torch.device, log=
         return applied
     if reuse_freed_memory():  # the data stage is over: training's large blocks are reused instead of re-faulted
         applied.append("allocator keeps freed blocks")
-    if config.bulk_dropout and not config.torch_compile:
+    if config.bulk_dropout and config.torch_compile:
+        # The compiled layers draw their dropout masks inside inductor's fused kernels, and stay on transformers'
+        # stock SDPA attention, which inductor traces whole (bert_ft.compiling).
+        log("dropout masks drawn in bulk: off under --torch_compile (the compiled layers draw theirs in fused "
+            "kernels)")
+    elif config.bulk_dropout:
         switched = use_bulk_dropout(model)
         log(f"dropout masks drawn in bulk: {', '.join(switched) or 'no dropout layers found'}")
         applied += switched

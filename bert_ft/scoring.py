@@ -215,6 +215,9 @@ def _final_metrics(state: TrainerState, data: Data, accelerator: Accelerator, tr
         # model FLOPs (bert_ft.flops: matrix products, per-example attention, 3 x forward) over real tokens
         **training_metrics(state.train_flops, state.real_tokens, state.train_seconds, peak,
                            accelerator.num_processes),
+        # --torch_compile: graphs compiled, the steps that compiled, the step time after them (bert_ft.compiling)
+        **(training.compiled.metrics() if training.compiled is not None
+           else {"torch_compile": training.compile_note} if training.compile_note else {}),
     }
 
 

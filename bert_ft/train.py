@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import TrainerState, check_output_dir, list_checkpoints, resume_state, save_checkpoint
 from .checks import check_output_dir_path
+from .compiling import timed_step
 from .config import TrainConfig, to_dict
 from .data import padding_stats
 from .data_stage import Data, prepare_data
@@ -126,8 +127,8 @@ def train_epoch(epoch: int, training: Training, state: TrainerState, config: Tra
     for batch in rng_neutral(loader):
         batch.pop("feature_index")
         throughput.add(batch)
-        loss = train_step(accelerator, model, batch, training.optimizer, training.scheduler, training.adversary,
-                          config.max_grad_norm)
+        loss = timed_step(training.compiled, state.global_step + 1, train_step, accelerator, model, batch,
+                          training.optimizer, training.scheduler, training.adversary, config.max_grad_norm)
         monitor.add(loss, state.global_step + 1)
         state.batches_in_epoch += 1
         progress.update(1)
@@ -154,6 +155,8 @@ def train_epoch(epoch: int, training: Training, state: TrainerState, config: Tra
         if config.max_steps and state.global_step >= config.max_steps:
             break
     progress.close()
+    if training.compiled is not None:
+        accelerator.print(training.compiled.describe())
     if (step := monitor.diverged_at()) is not None:
         stop_diverged(step, epoch, config)
     state.train_seconds += time.perf_counter() - start

@@ -16,6 +16,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .adversarial import build_adversary
 from .block_attention import use_block_attention
+from .compiling import CompiledLayers, compile_encoder_layers
 from .config import TrainConfig
 from .cpu import apply_cpu_speedups
 from .data import Collator, FeatureDataset, LengthGroupedSampler
@@ -57,8 +58,8 @@ def precision_name(accelerator: Accelerator) -> str:
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
     kwargs: dict[str, Any] = accelerator_kwargs(config.report_to, config.output_dir)
-    if config.torch_compile:
-        kwargs["dynamo_backend"] = "inductor"
+    # --torch_compile compiles the encoder layers itself (bert_ft.compiling), not the whole model through
+    # Accelerate's dynamo plugin: the heads' data-dependent gathers would break and recompile that graph.
     # cpu=True when there is no GPU: only then does Accelerate form a multi-process (gloo) group on CPUs.
     return Accelerator(mixed_precision=resolve_precision(config.mixed_precision), cpu=not torch.cuda.is_available(),
                        gradient_accumulation_steps=config.gradient_accumulation_steps, **kwargs)
@@ -92,6 +93,8 @@ class Training:
     class_weights: dict | None = None  # {label: weight} the loss uses (--class_weights), None: unweighted
     lr_table: str = ""  # the learning-rate groups (format_groups), for report.txt
     decision: dict | None = None  # what the head tuned on validation (multi-label thresholds), for bert_ft.json
+    compiled: CompiledLayers | None = None  # --torch_compile's compiled encoder layers (None: eager)
+    compile_note: str = ""  # --torch_compile: "on", or why it is off ("" without the flag)
 
 
 def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Accelerator, log) -> Training:
@@ -159,8 +162,12 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
     adversary = build_adversary(config.adversarial, network.get_input_embeddings().weight, config.adv_epsilon,
                                 config.adv_steps, config.adv_alpha,
                                 params=[param for param in network.parameters() if param.requires_grad])
+    compiled, compile_note = None, ""
+    if config.torch_compile:  # after prepare: the layers of the network the prepared model calls
+        compiled, compile_note = compile_encoder_layers(network, accelerator.num_processes, log, accelerator.device)
     return Training(accelerator, model_, network, optimizer, scheduler, train_loader, eval_loaders, collator,
-                    sampler, adversary, packing, epochs, class_weights, format_groups(groups))
+                    sampler, adversary, packing, epochs, class_weights, format_groups(groups),
+                    compiled=compiled, compile_note=compile_note)
 
 
 def set_training_loss(model: torch.nn.Module, task: Task, config: TrainConfig, data: Data, log) -> dict | None:
