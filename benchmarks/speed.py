@@ -140,6 +140,22 @@ class CountingCollator:
         return batch
 
 
+def text_sets(train: list, test: list, tokenizer, max_length: int, target) -> tuple:
+    """The recipe's tokenised train and test Datasets of text examples (`.text`, `.label`), labels by `target`."""
+    from datasets import Dataset
+
+    def tokenize(examples):
+        encoded = tokenizer(examples["text"], truncation=True, max_length=max_length)
+        encoded["labels"] = [target(label) for label in examples["label"]]
+        return encoded
+
+    def as_set(examples):
+        columns = {"text": [e.text for e in examples], "label": [e.label for e in examples]}
+        return Dataset.from_dict(columns).map(tokenize, batched=True, remove_columns=["text", "label"])
+
+    return as_set(train), as_set(test)
+
+
 def run_recipe(args) -> dict:
     import numpy as np
     import torch
@@ -201,16 +217,7 @@ def run_recipe(args) -> dict:
         label_ids = {label: index for index, label in enumerate(labels)}
         reader.prepare_tokenizer(tokenizer)
 
-        def tokenize(examples):
-            encoded = tokenizer(examples["text"], truncation=True, max_length=args.max_seq_length)
-            encoded["labels"] = [label_ids[label] for label in examples["label"]]
-            return encoded
-
-        def as_columns(examples):
-            return {"text": [e.text for e in examples], "label": [e.label for e in examples]}
-
-        train_set = Dataset.from_dict(as_columns(train)).map(tokenize, batched=True, remove_columns=["text", "label"])
-        test_set = Dataset.from_dict(as_columns(test)).map(tokenize, batched=True, remove_columns=["text", "label"])
+        train_set, test_set = text_sets(train, test, tokenizer, args.max_seq_length, label_ids.__getitem__)
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_ids)
         model.resize_token_embeddings(len(tokenizer))
@@ -231,16 +238,7 @@ def run_recipe(args) -> dict:
                 return [1.0 if name in label else 0.0 for name in labels]
             return float(label) if problem == "regression" else label_ids[label]
 
-        def tokenize(examples):
-            encoded = tokenizer(examples["text"], truncation=True, max_length=args.max_seq_length)
-            encoded["labels"] = [target(label) for label in examples["label"]]
-            return encoded
-
-        def as_columns(examples):
-            return {"text": [e.text for e in examples], "label": [e.label for e in examples]}
-
-        train_set = Dataset.from_dict(as_columns(train)).map(tokenize, batched=True, remove_columns=["text", "label"])
-        test_set = Dataset.from_dict(as_columns(test)).map(tokenize, batched=True, remove_columns=["text", "label"])
+        train_set, test_set = text_sets(train, test, tokenizer, args.max_seq_length, target)
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_ids,
             problem_type=HF_PROBLEM_TYPES[problem])
