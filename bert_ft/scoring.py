@@ -224,6 +224,6 @@ def _final_metrics(state: TrainerState, data: Data, accelerator: Accelerator, tr
 def _speed_section(metrics: dict) -> str:
     keys = ("train_runtime", "train_samples_per_second", "train_tokens_per_second", "padding_ratio",
             "train_model_flops_per_token", "train_model_gflops_per_second", "train_mfu", "mfu_peak_tflops",
-            "mfu_peak_source", "peak_memory_mb", "precision", "packing", "eval_samples_per_second", "test_samples_per_second",
-            "num_processes")
+            "mfu_peak_source", "peak_memory_mb", "precision", "packing", "eval_samples_per_second",
+            "test_samples_per_second", "num_processes")
     return "== speed ==\n" + "\n".join(f"{key:<30} {metrics[key]}" for key in keys if key in metrics)

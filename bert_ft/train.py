@@ -30,8 +30,7 @@ from .data import padding_stats
 from .data_stage import Data, prepare_data
 from .encoder import resolve_model_path
 from .errors import TrainingDiverged, UsageError
-from .flops import batches_training_flops, first_token_top_layer, known_flops, passes_per_step
-from .heads import reads_first_token_only
+from .flops import batches_training_flops, passes_per_step
 from .io import atomic_write_json
 from .lora import ADAPTER_DIR, merged, save_adapter
 from .model_folder import save_model
@@ -174,15 +173,10 @@ def count_trained(training: Training, state: TrainerState, config: TrainConfig, 
     state.trained_samples += sum(len(batch) for batch in trained)
     state.real_tokens += int(real)  # numpy ints would be saved as strings in trainer_state.json
     state.padded_tokens += int(slots)
-    flop_model = known_flops(training.network.config)
-    model = training.network.model
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA: peft's wrapper
-    if flop_model is not None and reads_first_token_only(model):  # a sentence head's [CLS]-only top layer
-        flop_model = first_token_top_layer(flop_model, training.network.config)
-    if flop_model is None:
+    if training.flop_model is None:
         state.train_flops = None
     elif state.train_flops is not None:
-        state.train_flops += batches_training_flops(flop_model, lengths, trained,
+        state.train_flops += batches_training_flops(training.flop_model, lengths, trained,
                                                     passes_per_step(config.adversarial, config.adv_steps))
 
 

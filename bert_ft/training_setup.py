@@ -23,6 +23,8 @@ from .data import Collator, FeatureDataset, LengthGroupedSampler
 from .data_stage import Data
 from .encoder import resolve_model_path, transfer_encoder
 from .errors import UsageError
+from .flops import EncoderFlops, first_token_top_layer, known_flops
+from .heads import reads_first_token_only
 from .inference import eval_loader, packing_is_exact  # the check lives beside inference (predict packs too)
 from .lora import apply_lora
 from .losses import format_weights, label_counts, resolve_class_weights
@@ -95,6 +97,7 @@ class Training:
     decision: dict | None = None  # what the head tuned on validation (multi-label thresholds), for bert_ft.json
     compiled: CompiledLayers | None = None  # --torch_compile's compiled encoder layers (None: eager)
     compile_note: str = ""  # --torch_compile: "on", or why it is off ("" without the flag)
+    flop_model: EncoderFlops | None = None  # the model FLOPs a trained example costs (None: no BERT size fields)
 
 
 def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Accelerator, log) -> Training:
@@ -167,7 +170,18 @@ def build_training(task: Task, config: TrainConfig, data: Data, accelerator: Acc
         compiled, compile_note = compile_encoder_layers(network, accelerator.num_processes, log, accelerator.device)
     return Training(accelerator, model_, network, optimizer, scheduler, train_loader, eval_loaders, collator,
                     sampler, adversary, packing, epochs, class_weights, format_groups(groups),
-                    compiled=compiled, compile_note=compile_note)
+                    compiled=compiled, compile_note=compile_note, flop_model=flop_model_of(network))
+
+
+def flop_model_of(network: torch.nn.Module) -> EncoderFlops | None:
+    """The FLOP model of a task model's encoder (bert_ft.flops), with a sentence head's [CLS]-only top layer
+    counted as what it computes; None for an architecture without BERT's size fields."""
+    flop_model = known_flops(network.config)
+    model = network.model
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA: peft's wrapper
+    if flop_model is not None and reads_first_token_only(model):
+        flop_model = first_token_top_layer(flop_model, network.config)
+    return flop_model
 
 
 def set_training_loss(model: torch.nn.Module, task: Task, config: TrainConfig, data: Data, log) -> dict | None:
